@@ -1,0 +1,7 @@
+"""`python -m monitor` runs the same CLI as the `energy-monitor` script."""
+
+import sys
+
+from monitor.cli import main
+
+sys.exit(main())

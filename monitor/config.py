@@ -1,0 +1,597 @@
+"""The typed configuration: TOML in, one frozen pydantic model out, or a list of errors.
+
+Loading order (all before anything connects):
+
+1. read the TOML file with :mod:`tomllib`;
+2. merge ``include = [...]`` files (paths relative to the including file; the
+   including file wins for scalar keys, arrays of tables such as ``rules`` are
+   concatenated, included first);
+3. expand ``${ENV_VAR}`` in every string;
+4. read ``*_file`` secrets (``password_file``, ``token_file``, ``secret_file``);
+5. validate with pydantic (``extra="forbid"`` everywhere, so unknown keys are errors).
+
+Every problem is reported as ``dotted.key.path: what is wrong``; see
+:class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+FORMATS = (
+    "json",
+    "tasmota",
+    "shelly_gen1",
+    "shelly_gen2",
+    "zigbee2mqtt",
+    "esphome",
+    "emonhub",
+    "mbmd",
+)
+Format = Literal[
+    "json", "tasmota", "shelly_gen1", "shelly_gen2", "zigbee2mqtt", "esphome", "emonhub", "mbmd"
+]
+ID_RE = re.compile(r"^[a-z0-9_-]+$")
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable.  ``problems`` holds ``key.path: message`` lines."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- site
+
+
+class SiteConfig(_Model):
+    id: str
+    name: str = ""
+    timezone: str = "UTC"
+    region: str = ""
+    subregion: str = ""
+    category: str = "legal_entity"
+    off_grid: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must match [a-z0-9_-]+ (it is used in MQTT topics and tags)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {v!r}") from exc
+        return v
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+# --------------------------------------------------------------------------- mqtt
+
+
+class TlsConfig(_Model):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip host-name check; for self-signed lab brokers only
+
+
+class MqttConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = ""  # default: energy-monitor-<site.id>
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsConfig | None = None
+    qos: Literal[0, 1, 2] = 1
+    session_expiry_s: int = Field(604800, ge=0)
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    # Flow control: MQTT 5 Receive Maximum.  The broker never has more than this
+    # many unacknowledged QoS 1 messages in flight to us, so the intake queue
+    # (sized from it) never overflows and a crash re-delivers at most this many.
+    receive_maximum: int = Field(4000, ge=10, le=65535)
+
+
+class SourceConfig(_Model):
+    topic: str
+    format: Format
+    # Format-specific hints, e.g. esphome units: {energy_unit = "Wh", power_unit = "kW"}
+    options: dict[str, str | float | int | bool] = Field(default_factory=dict)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not v or "#" in v[:-1] or any(
+            ("+" in part and part != "+") for part in v.split("/")
+        ):
+            raise ValueError(f"invalid MQTT subscription filter {v!r}")
+        return v
+
+
+class IntakeConfig(_Model):
+    batch_size: int = Field(1000, ge=1, le=50000)
+    batch_wait_ms: int = Field(200, ge=1, le=10000)
+    max_payload_bytes: int = Field(65536, ge=64)
+    max_gap_s: float = Field(900.0, gt=0)  # power is integrated only across gaps up to this
+    expected_interval_s: float = Field(300.0, gt=0)  # default for meters' staleness
+    jitter_kwh: float = Field(0.002, ge=0)  # counter drops this small are noise, not resets
+
+
+ControlKind = Literal["tasmota", "shelly_gen1", "shelly_gen2", "zigbee2mqtt", "json"]
+
+
+class ControlConfig(_Model):
+    kind: ControlKind
+    topic: str
+    channel: int = 0  # relay / switch id for Shelly
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not v or "+" in v or "#" in v:
+            raise ValueError("must be a concrete topic without wildcards")
+        return v
+
+
+class MeterConfig(_Model):
+    id: str
+    device: str | list[str]  # one device id, or several that are the same physical meter
+    group: str = ""
+    rated_kw: float | None = Field(None, gt=0)
+    control: ControlConfig | None = None
+    expected_interval_s: float | None = Field(None, gt=0)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return (self.device,) if isinstance(self.device, str) else tuple(self.device)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | list[str]) -> str | list[str]:
+        if (isinstance(v, list) and not v) or (isinstance(v, str) and not v):
+            raise ValueError("must name at least one device id")
+        return v
+
+
+class StorageConfig(_Model):
+    path: Path = Path("/var/lib/energy-monitor/monitor.db")
+    raw_retention_days: int = Field(400, ge=1)
+
+
+class InfluxConfig(_Model):
+    url: str
+    org: str = ""
+    bucket: str
+    token: SecretStr | None = None
+    flush_interval_s: float = Field(5.0, gt=0)
+    batch_size: int = Field(5000, ge=1, le=100000)
+    timeout_s: float = Field(10.0, gt=0)
+    max_backlog_rows: int = Field(5_000_000, ge=1000)
+
+
+class ScheduleConfig(_Model):
+    check_interval_s: float = Field(60.0, gt=0)
+    housekeeping_interval_s: float = Field(3600.0, gt=0)
+    misfire_grace_s: float = Field(30.0, gt=0)
+
+
+# --------------------------------------------------------------------------- rules
+
+Action = Literal["alert", "shutdown", "limit"]
+Period = Literal["calendar_day", "calendar_month", "calendar_year"]
+
+
+class _RuleBase(_Model):
+    id: str
+    categories: list[str] = Field(default_factory=list)
+    regions: list[str] = Field(default_factory=list)
+    subregions: list[str] = Field(default_factory=list)
+    exclude_subregions: list[str] = Field(default_factory=list)
+    on_warn: list[Action] = Field(default_factory=lambda: ["alert"])
+    on_breach: list[Action] = Field(default_factory=lambda: ["alert"])
+    effective_from: dt.date | None = None
+    effective_until: dt.date | None = None  # inclusive
+    repeat_s: float = Field(0.0, ge=0)  # remind of an unresolved breach this often (0 = never)
+    source: str = ""  # the legal source, for reports
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must match [a-z0-9_-]+")
+        return v
+
+
+Scope = Annotated[str, Field(pattern=r"^(site|group:.+|meter:.+)$")]
+
+
+def _check_fractions(v: list[float]) -> list[float]:
+    if any(not 0 < x < 1 for x in v):
+        raise ValueError("every level must be a fraction between 0 and 1")
+    return sorted(v)
+
+
+class EnergyCapRule(_RuleBase):
+    kind: Literal["energy_cap"]
+    limit_kwh: float = Field(gt=0)
+    period: Period = "calendar_month"
+    scope: Scope = "site"
+    warn_at: list[float] = Field(default_factory=lambda: [0.8, 0.95])
+    conservative: bool = False
+    allow_partial: bool = True  # a `limit` order may be sized from the remaining budget
+
+    _fr = field_validator("warn_at")(_check_fractions)
+
+
+class PowerCapRule(_RuleBase):
+    kind: Literal["power_cap"]
+    limit_kw: float = Field(gt=0)
+    window_s: float = Field(900.0, gt=0)
+    scope: Scope = "site"
+    warn_at: list[float] = Field(default_factory=lambda: [0.9])
+    clear_below: float = Field(0.95, gt=0, le=1)
+    hold_s: float = Field(300.0, ge=0)
+
+    _fr = field_validator("warn_at")(_check_fractions)
+
+
+class DateRange(_Model):
+    from_: dt.date = Field(alias="from")
+    until: dt.date  # inclusive
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _order(self) -> DateRange:
+        if self.until < self.from_:
+            raise ValueError("'until' is before 'from'")
+        return self
+
+
+MMDD_RE = re.compile(r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
+
+
+class YearlyWindow(_Model):
+    start: str  # "MM-DD", inclusive
+    end: str  # "MM-DD", inclusive; may be before start (crosses the new year)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _mmdd(cls, v: str) -> str:
+        if not MMDD_RE.match(v):
+            raise ValueError("must be MM-DD")
+        month, day = int(v[:2]), int(v[3:])
+        try:
+            dt.date(2024, month, day)  # a leap year, so 02-29 is allowed
+        except ValueError as exc:
+            raise ValueError(f"{v} is not a day of the year") from exc
+        return v
+
+
+class BanWindowRule(_RuleBase):
+    kind: Literal["ban_window"]
+    dates: list[DateRange] = Field(default_factory=list)
+    yearly: YearlyWindow | None = None
+    exempt_off_grid: bool = True
+    lead_time_s: float = Field(172800.0, ge=0)
+    scope: Scope = "site"
+    on_breach: list[Action] = Field(default_factory=lambda: ["alert", "shutdown"])
+
+    @model_validator(mode="after")
+    def _some_window(self) -> BanWindowRule:
+        if not self.dates and self.yearly is None:
+            raise ValueError("needs 'dates' or 'yearly'")
+        return self
+
+
+class StaleDataRule(_RuleBase):
+    kind: Literal["stale_data"]
+    max_silence_s: float = Field(900.0, gt=0)
+    scope: Scope = "site"
+    failsafe_margin: float = Field(0.0, ge=0, lt=1)  # 0 = no fail-safe breach
+
+
+class CurtailmentRule(_RuleBase):
+    kind: Literal["curtailment"]
+    topic: str
+    scope: Scope = "site"
+    on_breach: list[Action] = Field(default_factory=lambda: ["alert", "limit"])
+
+
+class ReconcileRule(_RuleBase):
+    kind: Literal["reconcile"]
+    main: Scope
+    parts: Scope
+    tolerance: float = Field(0.05, gt=0, lt=1)
+    window_s: float = Field(3600.0, gt=0)
+
+
+Rule = Annotated[
+    EnergyCapRule | PowerCapRule | BanWindowRule | StaleDataRule | CurtailmentRule | ReconcileRule,
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------- actions, outputs
+
+
+class ActionsConfig(_Model):
+    mode: Literal["live", "dry_run"] = "live"
+    confirm_below_w: float = Field(50.0, ge=0)
+    confirm_within_s: float = Field(120.0, gt=0)
+    max_resends: int = Field(2, ge=0)
+    auto_resume: bool = False
+    shed_priority: list[str] = Field(default_factory=list)  # groups shed first
+    max_orders_per_hour: int = Field(12, ge=1)  # per scope; protects relays from flapping
+
+
+class WebhookConfig(_Model):
+    url: str
+    secret: SecretStr | None = None
+    events: list[str] = Field(default_factory=lambda: ["*"])
+    format: Literal["json", "slack", "telegram"] = "json"
+    chat_id: str = ""  # Telegram only
+    timeout_s: float = Field(10.0, gt=0)
+    max_age_s: float = Field(86400.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _telegram(self) -> WebhookConfig:
+        if self.format == "telegram" and not self.chat_id:
+            raise ValueError("format 'telegram' needs chat_id")
+        return self
+
+
+class HttpConfig(_Model):
+    listen: str = "127.0.0.1:9108"
+    enabled: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class Config(_Model):
+    site: SiteConfig
+    mqtt: MqttConfig = Field(default_factory=lambda: MqttConfig())
+    sources: list[SourceConfig] = Field(default_factory=list)
+    intake: IntakeConfig = Field(default_factory=lambda: IntakeConfig())
+    meters: list[MeterConfig] = Field(default_factory=list)
+    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    influxdb: InfluxConfig | None = None
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
+    rules: list[Rule] = Field(default_factory=list)
+    actions: ActionsConfig = Field(default_factory=lambda: ActionsConfig())
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig())
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        problems: list[str] = []
+        seen: dict[str, int] = {}
+        devices: dict[str, str] = {}
+        for i, m in enumerate(self.meters):
+            if m.id in seen:
+                problems.append(f"meters[{i}].id: duplicate meter id {m.id!r}")
+            seen[m.id] = i
+            for d in m.devices:
+                if d in devices:
+                    problems.append(
+                        f"meters[{i}].device: {d!r} is already meter {devices[d]!r}"
+                    )
+                devices[d] = m.id
+        groups = {m.group for m in self.meters if m.group}
+        rule_ids: set[str] = set()
+        for i, r in enumerate(self.rules):
+            if r.id in rule_ids:
+                problems.append(f"rules[{i}].id: duplicate rule id {r.id!r}")
+            rule_ids.add(r.id)
+            scopes = [("scope", getattr(r, "scope", "site"))]
+            if isinstance(r, ReconcileRule):
+                scopes = [("main", r.main), ("parts", r.parts)]
+            for key, scope in scopes:
+                kind, _, name = scope.partition(":")
+                if kind == "meter" and name not in seen:
+                    problems.append(f"rules[{i}].{key}: no meter with id {name!r}")
+                if kind == "group" and name not in groups:
+                    problems.append(f"rules[{i}].{key}: no meter is in group {name!r}")
+        if not self.sources:
+            problems.append("sources: at least one [[sources]] entry is needed")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the effective configuration (secrets masked), for the audit log."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or f"energy-monitor-{self.site.id}"
+
+    def meter_for_device(self) -> dict[str, MeterConfig]:
+        return {d: m for m in self.meters for d in m.devices}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+SECRET_KEYS = {"password_file": "password", "token_file": "token", "secret_file": "secret"}
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("ENERGY_MONITOR_CONFIG", "config.toml"))
+
+
+def _read_toml(path: Path, where: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError([f"{where}: file not found: {path}"]) from exc
+    except PermissionError as exc:
+        raise ConfigError([f"{where}: cannot read {path}: permission denied"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{where}: {path} is not valid TOML: {exc}"]) from exc
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if key in out and isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = _merge(out[key], value)
+        elif key in out and isinstance(out[key], list) and isinstance(value, list):
+            out[key] = [*out[key], *value]
+        else:
+            out[key] = value
+    return out
+
+
+def _load_with_includes(path: Path, depth: int = 0) -> dict[str, Any]:
+    if depth > 8:
+        raise ConfigError([f"include: nested too deep at {path} (a cycle?)"])
+    data = _read_toml(path, "include" if depth else "config")
+    includes = data.pop("include", [])
+    if not isinstance(includes, list) or not all(isinstance(p, str) for p in includes):
+        raise ConfigError(["include: must be a list of file paths"])
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = _merge(merged, _load_with_includes(path.parent / inc, depth + 1))
+    return _merge(merged, data)
+
+
+def _expand(node: Any, key: str, problems: list[str], base_dir: Path) -> Any:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            sub = f"{key}.{k}" if key else str(k)
+            if k in SECRET_KEYS and isinstance(v, str):
+                target = SECRET_KEYS[k]
+                if target in node:
+                    problems.append(f"{sub}: give either {k} or {target}, not both")
+                    continue
+                secret_path = Path(_expand_env(v, sub, problems))
+                if not secret_path.is_absolute():
+                    secret_path = base_dir / secret_path
+                try:
+                    out[target] = secret_path.read_text(encoding="utf-8").strip()
+                except OSError as exc:
+                    problems.append(f"{sub}: cannot read secret file {secret_path}: {exc.strerror}")
+                continue
+            out[k] = _expand(v, sub, problems, base_dir)
+        return out
+    if isinstance(node, list):
+        return [_expand(v, f"{key}[{i}]", problems, base_dir) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        return _expand_env(node, key, problems)
+    return node
+
+
+def _expand_env(value: str, key: str, problems: list[str]) -> str:
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            problems.append(f"{key}: environment variable {name} is not set")
+            return ""
+        return os.environ[name]
+
+    return ENV_RE.sub(repl, value)
+
+
+def _loc(loc: tuple[int | str, ...], data: Any) -> str:
+    """Turn a pydantic error location into ``rules[2].limit_kwh``, dropping union tags."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+            continue
+        if isinstance(node, dict) and item not in node and item in (
+            "energy_cap", "power_cap", "ban_window", "stale_data", "curtailment", "reconcile",
+        ):
+            continue  # discriminated-union tag, not a key the user wrote
+        parts.append(f".{item}" if parts else str(item))
+        node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts)
+
+
+def parse(data: dict[str, Any], base_dir: Path = Path()) -> Config:
+    """Validate already-read TOML data.  Raises :class:`ConfigError`."""
+    problems: list[str] = []
+    expanded = _expand(data, "", problems, base_dir)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = _loc(tuple(err["loc"]), expanded)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            for line in msg.splitlines():
+                problems.append(f"{where}: {line}" if where else line)
+        raise ConfigError(problems) from None
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Read, merge, expand and validate a configuration file.  Raises :class:`ConfigError`."""
+    p = Path(path) if path is not None else default_path()
+    data = _load_with_includes(p)
+    return parse(data, p.parent)

@@ -1,0 +1,95 @@
+"""Values that flow between the modules: readings, parse results, dead letters.
+
+Everything here is an immutable value; no module-level state.  Units are in the
+names: ``power_w`` in watts, ``energy_kwh`` in kilowatt-hours, ``ts`` in Unix
+seconds (UTC, float).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class TsSource(enum.StrEnum):
+    """Where a reading's time came from."""
+
+    DEVICE = "device"  # the payload carried a trustworthy timestamp
+    RECEIVED = "received"  # stamped on receipt (no device time, or an untrusted one)
+
+
+class EnergyScope(enum.StrEnum):
+    """What a cumulative energy counter counts since."""
+
+    LIFETIME = "lifetime"  # never resets except by hand (Tasmota Total, Gen2 aenergy.total)
+    SINCE_BOOT = "since_boot"  # resets on reboot (Shelly Gen1 relay `energy` in Wmin)
+    DAILY = "daily"  # resets at the device's local midnight (ESPHome total_daily_energy)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One normalised measurement of one meter channel.
+
+    ``device`` is the device id the parser derives from the topic (SPEC: e.g.
+    ``tasmota/pow7``, ``shelly/shellypro3em-ab12:a``).  The meter id is resolved
+    later from the ``[[meters]]`` table.  At least one of ``power_w`` and
+    ``energy_kwh`` is set (a parser never emits a reading with neither).
+    """
+
+    device: str
+    ts: float
+    ts_source: TsSource = TsSource.RECEIVED
+    power_w: float | None = None
+    energy_kwh: float | None = None
+    energy_scope: EnergyScope = EnergyScope.LIFETIME
+    voltage_v: float | None = None
+    current_a: float | None = None
+    device_ts: float | None = None  # the device's own (possibly wrong) clock, kept for audit
+    seq: int | None = None
+    estimated: bool = False  # power modelled by firmware, not measured
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """A device's last will or online announcement (``online=False`` = offline)."""
+
+    device: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ParseResult:
+    """What one MQTT message yields: readings, availability changes, or nothing.
+
+    ``ignored`` is set for messages a parser recognises as harmless noise for
+    energy accounting (a Shelly ``announce``, a Tasmota ``STATE`` without
+    energy); they are neither readings nor dead letters.
+    """
+
+    readings: tuple[Reading, ...] = ()
+    availability: tuple[Availability, ...] = ()
+    ignored: bool = False
+
+
+class ParseError(ValueError):
+    """A payload that cannot be read.  ``reason`` is short and stable (used as a metric label)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An MQTT message as the intake worker sees it (copied out of paho's object)."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    mid: int = 0
+    source_index: int = 0  # which [[sources]] entry matched
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,181 @@
+"""Numbered SQLite migrations.  Applied in order by :func:`monitor.store.migrate`, each
+recorded in ``schema_migrations``; never edit a released migration, append a new one.
+
+Times are Unix seconds (REAL, UTC).  Energy is kWh, power W.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+
+        -- one row per meter: identity, freshness and the accounting state that a
+        -- restart resumes from (last counter, last power sample)
+        CREATE TABLE meters (
+            id TEXT PRIMARY KEY,
+            device TEXT NOT NULL,
+            grp TEXT NOT NULL DEFAULT '',
+            format TEXT NOT NULL DEFAULT '',
+            first_seen REAL,
+            last_seen REAL,
+            power_w REAL,
+            online INTEGER NOT NULL DEFAULT 1,
+            acct TEXT NOT NULL DEFAULT '{}'
+        ) WITHOUT ROWID;
+
+        -- raw readings, kept raw_retention_days; rowid is the export cursor
+        CREATE TABLE readings (
+            id INTEGER PRIMARY KEY,
+            meter TEXT NOT NULL,
+            ts REAL NOT NULL,
+            power_w REAL,
+            energy_kwh REAL,
+            delta_kwh REAL NOT NULL DEFAULT 0,
+            voltage_v REAL,
+            current_a REAL,
+            flags TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX readings_ts ON readings (ts);
+
+        -- the energy ledger: accounted kWh per meter per fixed 900 s bucket (UTC
+        -- aligned, so every local midnight of every real time zone is a bucket edge)
+        CREATE TABLE ledger (
+            meter TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            kwh REAL NOT NULL,
+            PRIMARY KEY (meter, bucket)
+        ) WITHOUT ROWID;
+        CREATE INDEX ledger_bucket ON ledger (bucket);
+
+        -- rollup of the ledger per local calendar day (site time zone), plus gaps
+        CREATE TABLE daily (
+            meter TEXT NOT NULL,
+            day TEXT NOT NULL,
+            kwh REAL NOT NULL DEFAULT 0,
+            gap_kwh REAL NOT NULL DEFAULT 0,
+            gap_s REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, meter)
+        ) WITHOUT ROWID;
+
+        -- intervals with no trustworthy data; upper_kwh = rated_kw x duration (NULL: unknown)
+        CREATE TABLE gaps (
+            id INTEGER PRIMARY KEY,
+            meter TEXT NOT NULL,
+            start_ts REAL NOT NULL,
+            end_ts REAL NOT NULL,
+            upper_kwh REAL,
+            reason TEXT NOT NULL
+        );
+        CREATE INDEX gaps_end ON gaps (end_ts);
+
+        -- counter resets, quarantined implausible increments, jitter: evidence for audits
+        CREATE TABLE anomalies (
+            id INTEGER PRIMARY KEY,
+            meter TEXT NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            value REAL,
+            detail TEXT NOT NULL DEFAULT ''
+        );
+
+        CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            received_at REAL NOT NULL,
+            topic TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL,
+            payload BLOB
+        );
+        CREATE INDEX dead_letters_at ON dead_letters (received_at);
+
+        -- fingerprints of the last committed messages, so a QoS 1 redelivery
+        -- (DUP flag) after a crash between commit and PUBACK is recognised
+        CREATE TABLE msg_seen (seq INTEGER PRIMARY KEY, fp BLOB NOT NULL UNIQUE);
+
+        -- ---------------------------------------------------------------- rules, actions
+        -- one row per (rule, scope): the alert state machine, so a restart neither
+        -- re-fires nor forgets
+        CREATE TABLE alert_state (
+            rule TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'ok',
+            level REAL NOT NULL DEFAULT 0,
+            since REAL,
+            notified_at REAL,
+            period TEXT NOT NULL DEFAULT '',
+            data TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (rule, scope)
+        ) WITHOUT ROWID;
+
+        -- every event (alert.*, order.*, meter.*), durable before anyone is told
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            event_id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            rule TEXT NOT NULL DEFAULT '',
+            scope TEXT NOT NULL DEFAULT '',
+            at REAL NOT NULL,
+            body TEXT NOT NULL
+        );
+
+        -- the webhook outbox: one row per (event, webhook), at-least-once delivery
+        CREATE TABLE webhook_deliveries (
+            event_id TEXT NOT NULL,
+            webhook TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (event_id, webhook)
+        ) WITHOUT ROWID;
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
+
+        CREATE TABLE orders (
+            order_id TEXT PRIMARY KEY,
+            action TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            rule TEXT NOT NULL DEFAULT '',
+            meters TEXT NOT NULL DEFAULT '[]',
+            target_kw REAL,
+            reason TEXT NOT NULL DEFAULT '',
+            issued_at REAL NOT NULL,
+            state TEXT NOT NULL,
+            resends INTEGER NOT NULL DEFAULT 0,
+            deadline REAL,
+            updated_at REAL NOT NULL,
+            actor TEXT NOT NULL DEFAULT 'daemon',
+            dry_run INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+
+        -- hash-chained, append-only: hash = sha256(prev_hash || canonical body)
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+
+        -- latest curtailment signal per topic
+        CREATE TABLE signals (
+            topic TEXT PRIMARY KEY,
+            target_kw REAL,
+            until REAL,
+            received_at REAL NOT NULL,
+            payload TEXT NOT NULL
+        ) WITHOUT ROWID;
+
+        -- ---------------------------------------------------------------- export
+        -- InfluxDB line-protocol rows other than readings (energy_rule, energy_event);
+        -- readings are exported from `readings` by rowid cursor (kv 'export.readings')
+        CREATE TABLE export_outbox (id INTEGER PRIMARY KEY, line TEXT NOT NULL);
+        """,
+    ),
+]

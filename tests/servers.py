@@ -1,0 +1,106 @@
+"""Real services for tests: each starts on a free 127.0.0.1 port and is stopped by its owner.
+
+Nothing here assumes a service is already running; binaries come from Debian
+packages that ``scripts/install-deps`` installs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def find_binary(name: str, *extra: str) -> str:
+    for cand in (shutil.which(name), *extra):
+        if cand and Path(cand).exists():
+            return cand
+    raise RuntimeError(f"{name} is not installed: run scripts/install-deps (as root)")
+
+
+@dataclass
+class Mosquitto:
+    """A private mosquitto broker.  ``stop()``/``start()`` keep the same port and persistence."""
+
+    workdir: Path
+    port: int = 0
+    max_queued: int = 0  # 0 = unlimited: benchmarks queue 200k messages for a stopped client
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            self.port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = self.workdir / "mosquitto.conf"
+        self.conf.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} 127.0.0.1",
+                    "allow_anonymous true",
+                    "persistence true",
+                    f"persistence_location {self.workdir}/",
+                    "autosave_interval 1",
+                    f"max_queued_messages {self.max_queued}",
+                    "max_queued_bytes 0",
+                    "max_inflight_messages 0",
+                    "max_packet_size 1048576",
+                    "log_dest none",
+                    "",
+                ]
+            )
+        )
+
+    def start(self) -> Mosquitto:
+        binary = find_binary("mosquitto", "/usr/sbin/mosquitto")
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def mosquitto(workdir: Path, **kw: int) -> Iterator[Mosquitto]:
+    broker = Mosquitto(workdir, **kw)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
