@@ -8,7 +8,7 @@ seconds (UTC, float).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class TsSource(enum.StrEnum):
@@ -91,5 +91,3 @@ class Message:
     retain: bool = False
     dup: bool = False
     mid: int = 0
-    source_index: int = 0  # which [[sources]] entry matched
-    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,25 @@
+# The two commands a newcomer needs are `make demo` and `make test` (see README).
+PY := .venv/bin/python
+export PATH := $(CURDIR)/.venv/bin:/usr/sbin:$(PATH)
+
+.PHONY: deps demo test check bench clean
+
+deps:
+	@scripts/install-deps
+
+demo: deps
+	$(PY) scripts/demo.py
+
+# pytest exits 5 when it collected no test: that fails here like any other error.
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider
+
+check: deps
+	$(PY) -m ruff check monitor tests bench scripts
+	$(PY) -m mypy --strict
+
+bench: deps
+	$(PY) bench/run.py --out bench/results.json
+
+clean:
+	rm -rf .venv demo-data .mypy_cache .ruff_cache

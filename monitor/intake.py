@@ -1,0 +1,319 @@
+"""The intake worker: messages from the MQTT queue -> parse -> account -> one store commit.
+
+Thread model: :meth:`Intake.run` is the only consumer of the queue and the only
+user of the parsers, the accounting states and its own :class:`Store`.  The
+MQTT network thread only puts :class:`~monitor.model.Message` objects into the
+queue.  After a batch is committed, ``ack(messages)`` is called so that the
+MQTT layer acknowledges exactly what is durable.  If a commit fails (disk full,
+database locked by hand, file removed) the batch is kept and retried with
+backoff: nothing is acknowledged, nothing is dropped, and because the queue is
+bounded (and MQTT 5 Receive Maximum bounds what the broker sends us), the
+broker holds the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from paho.mqtt.client import topic_matches_sub
+
+from monitor import accounting
+from monitor.accounting import MeterParams, MeterState
+from monitor.config import Config, CurtailmentRule
+from monitor.metrics import Metrics
+from monitor.model import Availability, Message, ParseError, ParseResult, Reading
+from monitor.parsers import Parser, make_parser
+from monitor.rules import parse_signal
+from monitor.store import IntakeBatch, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_KEEP_BYTES = 1024
+STOP = object()  # queue sentinel: drain what came before, then return
+
+
+def fingerprint(topic: str, payload: bytes) -> bytes:
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+@dataclass
+class _Meter:
+    id: str
+    device: str
+    group: str
+    format: str
+    params: MeterParams
+    state: MeterState
+    online: bool = True
+    last_seen: float | None = None
+
+
+@dataclass
+class BatchReport:
+    messages: int = 0
+    readings: int = 0
+    dead_letters: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+
+
+@dataclass
+class Intake:
+    """Turns message batches into committed store batches.  See module docstring."""
+
+    config: Config
+    store: Store
+    metrics: Metrics
+    ack: Callable[[Sequence[Message]], None] = lambda msgs: None
+    queue: queue.Queue[object] = field(default_factory=lambda: queue.Queue(maxsize=10000))
+    on_event: Callable[[str, dict[str, object]], None] = lambda kind, body: None
+    _meters: dict[str, _Meter] = field(default_factory=dict, init=False)
+    _parsers: list[Parser] = field(default_factory=list, init=False)
+    _route: dict[str, int] = field(default_factory=dict, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self._parsers = [make_parser(s.format, s.options) for s in c.sources]
+        self._by_device = c.meter_for_device()
+        self._configured = {m.id: m for m in c.meters}
+        self._dirty: set[str] = set()
+        self._days = accounting.LocalDays(c.site.tz)
+        self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
+        self.store.register_meters(
+            (m.id, m.devices[0], m.group) for m in c.meters)
+        for row in self.store.meters():
+            self._meters[row.id] = self._new_meter(row.id, row.device, row.format,
+                                                   MeterState.from_json(row.acct),
+                                                   row.online, row.last_seen)
+
+    # ------------------------------------------------------------------ meters
+
+    def _new_meter(self, meter_id: str, device: str, fmt: str, state: MeterState,
+                   online: bool = True, last_seen: float | None = None) -> _Meter:
+        mc = self._configured.get(meter_id)
+        params = MeterParams(
+            rated_kw=mc.rated_kw if mc else None,
+            max_gap_s=self.config.intake.max_gap_s,
+            jitter_kwh=self.config.intake.jitter_kwh,
+        )
+        return _Meter(meter_id, device, mc.group if mc else "", fmt, params, state, online,
+                      last_seen)
+
+    def _meter(self, device: str, fmt: str) -> _Meter:
+        mc = self._by_device.get(device)
+        meter_id = mc.id if mc else device
+        m = self._meters.get(meter_id)
+        if m is None:
+            m = self._new_meter(meter_id, device, fmt, MeterState())
+            self._meters[meter_id] = m
+        if not m.format:
+            m.format = fmt
+        return m
+
+    # ------------------------------------------------------------------ processing
+
+    def _source_of(self, topic: str) -> int | None:
+        idx = self._route.get(topic)
+        if idx is None:
+            for i, s in enumerate(self.config.sources):
+                if topic_matches_sub(s.topic, topic):
+                    idx = i
+                    break
+            else:
+                idx = -1
+            if len(self._route) > 200_000:
+                self._route.clear()
+            self._route[topic] = idx
+        return None if idx < 0 else idx
+
+    def process(self, messages: Sequence[Message]) -> tuple[IntakeBatch, BatchReport]:
+        """Parse and account ``messages`` (no I/O except the redelivery look-up)."""
+        batch = IntakeBatch()
+        rep = BatchReport(messages=len(messages))
+        fps = [fingerprint(m.topic, m.payload) for m in messages]
+        dup_fps = [fp for m, fp in zip(messages, fps, strict=True) if m.dup]
+        already = self.store.seen(dup_fps) if dup_fps else set()
+        in_batch: set[bytes] = set()
+        max_bytes = self.config.intake.max_payload_bytes
+        for msg, fp in zip(messages, fps, strict=True):
+            if msg.dup and (fp in already or fp in in_batch):
+                rep.duplicates += 1
+                self.metrics.readings.labels("-", "redelivery").inc()
+                continue
+            in_batch.add(fp)
+            batch.fingerprints.append(fp)
+            if any(topic_matches_sub(t, msg.topic) for t in self._signal_topics):
+                self._signal(msg, batch, rep)
+                continue
+            src = self._source_of(msg.topic)
+            if src is None:
+                self._dead(batch, rep, msg, "unknown_topic", "no [[sources]] entry matches")
+                continue
+            fmt = self.config.sources[src].format
+            if len(msg.payload) > max_bytes:
+                self._dead(batch, rep, msg, "too_large",
+                           f"{len(msg.payload)} bytes > intake.max_payload_bytes {max_bytes}", fmt)
+                continue
+            try:
+                result = self._parsers[src].parse(msg.topic, msg.payload, msg.received_at,
+                                                  msg.retain)
+            except ParseError as exc:
+                self._dead(batch, rep, msg, exc.reason, exc.detail, fmt)
+                continue
+            except Exception as exc:  # a parser bug must not stop the stream
+                log.exception("parser %s failed on %s", fmt, msg.topic)
+                self._dead(batch, rep, msg, "parser_error", repr(exc)[:200], fmt)
+                continue
+            self._apply(result, msg, fmt, batch, rep)
+        for meter_id in self._dirty:
+            m = self._meters[meter_id]
+            batch.meters[m.id] = (m.device, m.group, m.format, m.last_seen,
+                                  m.state.power_w if m.online else None, int(m.online),
+                                  m.state.to_json())
+        self._dirty.clear()
+        return batch, rep
+
+    def _apply(self, result: ParseResult, msg: Message, fmt: str, batch: IntakeBatch,
+               rep: BatchReport) -> None:
+        if result.ignored and not result.readings and not result.availability:
+            rep.ignored += 1
+            self.metrics.readings.labels(fmt, "ignored").inc()
+        for av in result.availability:
+            self._availability(av, msg.received_at, fmt)
+        for r in result.readings:
+            self._reading(r, msg, fmt, batch)
+            rep.readings += 1
+
+    def _availability(self, av: Availability, at: float, fmt: str) -> None:
+        prefix = av.device + ":"
+        def covered(m: _Meter) -> bool:
+            mc = self._configured.get(m.id)
+            devices = mc.devices if mc else (m.device,)
+            return any(d == av.device or d.startswith(prefix) for d in devices)
+
+        targets = [m for m in self._meters.values() if covered(m)]
+        if not targets and av.device in self._by_device:
+            targets = [self._meter(av.device, fmt)]
+        for m in targets:
+            if m.online != av.online:
+                self.on_event("meter.recovered" if av.online else "meter.offline",
+                              {"meter": m.id, "at": at})
+            m.online = av.online
+            if not av.online:
+                accounting.mark_offline(m.state, at)
+            self._dirty.add(m.id)
+
+    def _reading(self, r: Reading, msg: Message, fmt: str, batch: IntakeBatch) -> None:
+        m = self._meter(r.device, fmt)
+        out = accounting.apply(m.state, r, m.params, msg.retain)
+        if msg.retain:
+            out.flags.append("retained")
+        m.online = True
+        m.last_seen = r.ts if m.last_seen is None else max(m.last_seen, r.ts)
+        self._dirty.add(m.id)
+        batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,
+                               r.current_a, ",".join(out.flags)))
+        self.metrics.readings.labels(fmt, "accounted").inc()
+        for inc in out.increments:
+            for bucket, kwh in accounting.split_buckets(inc.start_ts, inc.end_ts, inc.kwh):
+                key = (m.id, bucket)
+                batch.ledger[key] = batch.ledger.get(key, 0.0) + kwh
+                dkey = (m.id, self._days.day(bucket))
+                row = batch.daily.get(dkey)
+                if row is None:
+                    batch.daily[dkey] = [kwh, 0.0, 0.0]
+                else:
+                    row[0] += kwh
+        for g in out.gaps:
+            batch.gaps.append((m.id, g.start_ts, g.end_ts, g.upper_kwh, g.reason))
+            span = g.end_ts - g.start_ts
+            for bucket, share in accounting.split_buckets(g.start_ts, g.end_ts, 1.0):
+                dkey = (m.id, self._days.day(bucket))
+                row = batch.daily.setdefault(dkey, [0.0, 0.0, 0.0])
+                row[1] += (g.upper_kwh or 0.0) * share
+                row[2] += span * share
+        for a in out.anomalies:
+            batch.anomalies.append((m.id, a.ts, a.kind, a.value, a.detail))
+            self.metrics.anomalies.labels(a.kind).inc()
+
+    def _signal(self, msg: Message, batch: IntakeBatch, rep: BatchReport) -> None:
+        try:
+            sig = parse_signal(msg.payload, msg.received_at)
+        except ValueError as exc:
+            self._dead(batch, rep, msg, "bad_signal", str(exc))
+            return
+        batch.signals.append((msg.topic, sig.target_kw, sig.until, msg.received_at,
+                              msg.payload.decode("utf-8", "replace")))
+
+    def _dead(self, batch: IntakeBatch, rep: BatchReport, msg: Message, reason: str,
+              detail: str, fmt: str = "-") -> None:
+        rep.dead_letters += 1
+        batch.dead_letters.append((msg.received_at, msg.topic, reason, detail[:500],
+                                   len(msg.payload), msg.payload[:DEAD_LETTER_KEEP_BYTES]))
+        self.metrics.dead_letters.labels(reason).inc()
+        self.metrics.readings.labels(fmt, "dead_letter").inc()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Consume the queue until :data:`STOP` is taken from it (or :meth:`stop`)."""
+        cfg = self.config.intake
+        while True:
+            first = self.queue.get()
+            if first is STOP:
+                return
+            msgs: list[Message] = [first]  # type: ignore[list-item]
+            deadline = time.monotonic() + cfg.batch_wait_ms / 1000.0
+            stopping = False
+            while len(msgs) < cfg.batch_size:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is STOP:
+                    stopping = True
+                    break
+                msgs.append(item)  # type: ignore[arg-type]
+            self.metrics.queue_depth.set(self.queue.qsize())
+            self.handle(msgs)
+            if stopping:
+                return
+
+    def handle(self, msgs: Sequence[Message]) -> BatchReport:
+        """Process and commit one batch, retrying the commit until it succeeds or we stop."""
+        batch, rep = self.process(msgs)
+        delay = 0.5
+        while True:
+            t0 = time.perf_counter()
+            try:
+                self.store.commit_batch(batch)
+                break
+            except StoreError as exc:
+                self.metrics.store_errors.inc()
+                self.metrics.store_ok.set(0)
+                log.error("store commit failed, batch of %d kept and retried in %.1fs: %s",
+                          len(msgs), delay, exc)
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, 30.0)
+        self.metrics.store_ok.set(1)
+        self.metrics.commit_seconds.observe(time.perf_counter() - t0)
+        self.metrics.last_commit.set(time.time())
+        self.ack(msgs)
+        return rep
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish: queued messages are still drained first."""
+        self.queue.put(STOP)
+
+    def abort(self) -> None:
+        """Give up retrying a failing commit (used only at shutdown)."""
+        self._stop.set()
+        self.queue.put(STOP)

@@ -1,0 +1,138 @@
+"""The one place that builds real clients and wires them together.
+
+Start order is downstream first: store -> intake worker -> scheduler (checks,
+export, webhooks, orders, housekeeping) -> HTTP -> MQTT.  Stop order is
+upstream first: MQTT intake stops (unacknowledged messages stay with the
+broker), the intake queue is drained and committed, the scheduler finishes its
+running jobs, a last export/webhook flush runs, MQTT says ``offline`` and
+disconnects, HTTP closes, the store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from monitor import status as status_mod
+from monitor.config import Config, CurtailmentRule
+from monitor.intake import Intake
+from monitor.metrics import Metrics
+from monitor.mqtt import MqttLink
+from monitor.scheduler import Scheduler
+from monitor.store import Store
+
+log = logging.getLogger(__name__)
+
+BACKLOG_TOO_OLD_S = 300.0
+
+
+class Service:
+    """A running daemon.  ``start()`` then ``stop()``; both from the main thread."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        self.queue: queue.Queue[object] = queue.Queue(
+            maxsize=config.mqtt.receive_maximum + config.intake.batch_size)
+        self.store: Store | None = None
+        self.intake: Intake | None = None
+        self.worker: threading.Thread | None = None
+        self.mqtt: MqttLink | None = None
+        self.http: Any = None
+        self.scheduler = Scheduler(config.site.tz, self.metrics, config.schedule.misfire_grace_s)
+        self._readers = threading.local()
+
+    # ------------------------------------------------------------------ helpers
+
+    def reader(self) -> Store:
+        """A store connection for the calling thread (scheduler jobs, HTTP handlers)."""
+        st: Store | None = getattr(self._readers, "store", None)
+        if st is None:
+            st = Store(self.config.storage.path)
+            self._readers.store = st
+        return st
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(s.topic, self.config.mqtt.qos) for s in self.config.sources]
+        subs += [(r.topic, 1) for r in self.config.rules if isinstance(r, CurtailmentRule)]
+        seen: set[str] = set()
+        return [s for s in subs if not (s[0] in seen or seen.add(s[0]))]  # type: ignore[func-returns-value]
+
+    def health(self) -> list[str]:
+        reasons: list[str] = []
+        if self.mqtt is None or not self.mqtt.connected.is_set():
+            why = self.mqtt.last_error if self.mqtt else "not started"
+            reasons.append(f"mqtt: not connected{': ' + why if why else ''}")
+        if self.metrics.store_ok._value.get() == 0:
+            reasons.append("store: last commit failed (readings are held, not acknowledged)")
+        if self.worker is None or not self.worker.is_alive():
+            reasons.append("intake: worker not running")
+        depth = self.queue.qsize()
+        last = self.metrics.last_commit._value.get()
+        if depth and last and self.clock() - last > BACKLOG_TOO_OLD_S:
+            reasons.append(f"intake: {depth} messages waiting, last commit "
+                           f"{self.clock() - last:.0f}s ago")
+        return reasons
+
+    def status(self) -> dict[str, Any]:
+        return status_mod.build(self.reader(), self.config, self.clock())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        cfg = self.config
+        self.store = Store(cfg.storage.path)
+        self.metrics.store_ok.set(1)
+        self.mqtt = MqttLink(cfg, self.queue, self.metrics, self.subscriptions())
+        self.intake = Intake(cfg, self.store, self.metrics, ack=self.mqtt.ack, queue=self.queue)
+        self.worker = threading.Thread(target=self.intake.run, name="intake", daemon=True)
+        self.worker.start()
+        self.scheduler.every("housekeeping", cfg.schedule.housekeeping_interval_s,
+                             self._housekeeping)
+        self.scheduler.every("meter-freshness", 15.0, self._freshness)
+        self.scheduler.start()
+        if cfg.http.enabled:
+            from monitor.http import HttpServer
+
+            self.http = HttpServer(cfg.http.host, cfg.http.port, health=self.health,
+                                   metrics=self.metrics.render, status=self.status)
+            self.http.start()
+            log.info("HTTP on %s:%d", cfg.http.host, self.http.port)
+        self.mqtt.start()
+        log.info("energy-monitor %s started (config %s)", cfg.site.id, cfg.digest[:12])
+
+    def stop(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.stop_intake()
+        if self.intake is not None and self.worker is not None:
+            self.intake.stop()
+            self.worker.join(30)
+            if self.worker.is_alive():
+                log.error("intake did not drain in 30s (store failing?); giving up")
+                self.intake.abort()
+                self.worker.join(5)
+        self.scheduler.shutdown()
+        if self.mqtt is not None:
+            self.mqtt.close()
+        if self.http is not None:
+            self.http.close()
+        if self.store is not None:
+            self.store.close()
+        log.info("energy-monitor stopped")
+
+    # ------------------------------------------------------------------ jobs
+
+    def _housekeeping(self) -> None:
+        res = self.reader().housekeeping(self.clock(), self.config.storage.raw_retention_days)
+        log.info("housekeeping: %s", res)
+
+    def _freshness(self) -> None:
+        now = self.clock()
+        for m in self.reader().meters():
+            if m.last_seen is not None:
+                self.metrics.meter_age.labels(m.id).set(now - m.last_seen)

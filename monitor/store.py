@@ -1,0 +1,275 @@
+"""The local store: SQLite in WAL mode, the daemon's source of truth.
+
+Each thread opens its own :class:`Store` (SQLite connections are not shared
+across threads); WAL lets readers (``status``, HTTP, rule checks) run while the
+intake worker writes.  All writes of one intake batch are one transaction
+(:meth:`Store.commit_batch`): readings, ledger, daily rollup, gaps, anomalies,
+dead letters, meter state and redelivery fingerprints commit together or not at
+all, which is what lets the MQTT layer acknowledge only committed messages.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitor.schema import MIGRATIONS
+
+FINGERPRINTS_KEPT = 200_000  # > any number of messages that can be in flight unacknowledged
+
+
+class StoreError(Exception):
+    """The database cannot be opened, migrated or written."""
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; returns the schema version now in force."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    version = max(done, default=0)
+    for number, sql in sorted(MIGRATIONS):
+        if number in done:
+            continue
+        # executescript commits first; wrap the script so it applies whole or not at all
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{sql}\n"
+            f"INSERT INTO schema_migrations VALUES ({int(number)}, {time.time()!r});\nCOMMIT;"
+        )
+        version = number
+    return version
+
+
+def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with the pragmas every user of the store needs."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
+                                   isolation_level=None, check_same_thread=False)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed (and therefore acknowledged) reading survives power loss
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    return conn
+
+
+@dataclass
+class IntakeBatch:
+    """Everything one intake batch writes.  Built by the intake worker, committed whole."""
+
+    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags)
+    readings: list[tuple[str, float, float | None, float | None, float, float | None,
+                         float | None, str]] = field(default_factory=list)
+    ledger: dict[tuple[str, int], float] = field(default_factory=dict)
+    # (meter, day) -> [kwh, gap_kwh, gap_s]
+    daily: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    gaps: list[tuple[str, float, float, float | None, str]] = field(default_factory=list)
+    anomalies: list[tuple[str, float, str, float | None, str]] = field(default_factory=list)
+    dead_letters: list[tuple[float, str, str, str, int, bytes]] = field(default_factory=list)
+    # meter -> (device, group, format, last_seen, power_w, online, acct_json)
+    meters: dict[str, tuple[str, str, str, float | None, float | None, int, str]] = field(
+        default_factory=dict
+    )
+    fingerprints: list[bytes] = field(default_factory=list)
+    signals: list[tuple[str, float | None, float | None, float, str]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.readings or self.dead_letters or self.meters or self.fingerprints
+                    or self.signals or self.gaps or self.anomalies)
+
+
+@dataclass(frozen=True)
+class MeterRow:
+    id: str
+    device: str
+    group: str
+    format: str
+    first_seen: float | None
+    last_seen: float | None
+    power_w: float | None
+    online: bool
+    acct: str
+
+
+class Store:
+    """One connection to the store.  Not thread-safe: one instance per thread."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.conn = connect(path, readonly=readonly)
+        if not readonly:
+            try:
+                migrate(self.conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot migrate {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ intake
+
+    def commit_batch(self, b: IntakeBatch) -> None:
+        """Write one intake batch in one transaction.  Raises :class:`StoreError`."""
+        try:
+            with self.transaction() as c:
+                if b.readings:
+                    c.executemany(
+                        "INSERT INTO readings (meter, ts, power_w, energy_kwh, delta_kwh,"
+                        " voltage_v, current_a, flags) VALUES (?,?,?,?,?,?,?,?)",
+                        b.readings,
+                    )
+                if b.ledger:
+                    c.executemany(
+                        "INSERT INTO ledger (meter, bucket, kwh) VALUES (?,?,?)"
+                        " ON CONFLICT (meter, bucket) DO UPDATE SET kwh = kwh + excluded.kwh",
+                        [(m, bkt, kwh) for (m, bkt), kwh in b.ledger.items()],
+                    )
+                if b.daily:
+                    c.executemany(
+                        "INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)"
+                        " ON CONFLICT (day, meter) DO UPDATE SET kwh = kwh + excluded.kwh,"
+                        " gap_kwh = gap_kwh + excluded.gap_kwh, gap_s = gap_s + excluded.gap_s",
+                        [(m, d, v[0], v[1], v[2]) for (m, d), v in b.daily.items()],
+                    )
+                if b.gaps:
+                    c.executemany(
+                        "INSERT INTO gaps (meter, start_ts, end_ts, upper_kwh, reason)"
+                        " VALUES (?,?,?,?,?)", b.gaps)
+                if b.anomalies:
+                    c.executemany(
+                        "INSERT INTO anomalies (meter, ts, kind, value, detail) VALUES (?,?,?,?,?)",
+                        b.anomalies)
+                if b.dead_letters:
+                    c.executemany(
+                        "INSERT INTO dead_letters (received_at, topic, reason, detail, size,"
+                        " payload) VALUES (?,?,?,?,?,?)", b.dead_letters)
+                if b.meters:
+                    c.executemany(
+                        "INSERT INTO meters (id, device, grp, format, first_seen, last_seen,"
+                        " power_w, online, acct) VALUES (?1,?2,?3,?4,?5,?5,?6,?7,?8)"
+                        " ON CONFLICT (id) DO UPDATE SET device=excluded.device,"
+                        " grp=excluded.grp, format=excluded.format,"
+                        " first_seen=coalesce(first_seen, excluded.first_seen),"
+                        " last_seen=coalesce(excluded.last_seen, last_seen),"
+                        " power_w=excluded.power_w, online=excluded.online, acct=excluded.acct",
+                        [(k, *v) for k, v in b.meters.items()],
+                    )
+                if b.signals:
+                    c.executemany(
+                        "INSERT OR REPLACE INTO signals (topic, target_kw, until, received_at,"
+                        " payload) VALUES (?,?,?,?,?)", b.signals)
+                if b.fingerprints:
+                    c.executemany("INSERT OR IGNORE INTO msg_seen (fp) VALUES (?)",
+                                  [(fp,) for fp in b.fingerprints])
+        except sqlite3.Error as exc:
+            raise StoreError(f"commit failed: {exc}") from exc
+
+    def seen(self, fingerprints: Sequence[bytes]) -> set[bytes]:
+        """Which of these message fingerprints were committed recently."""
+        found: set[bytes] = set()
+        for i in range(0, len(fingerprints), 500):
+            chunk = list(fingerprints[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.conn.execute(
+                f"SELECT fp FROM msg_seen WHERE fp IN ({marks})", chunk))
+        return found
+
+    def register_meters(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Make configured meters (id, device, group) known before their first reading."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO meters (id, device, grp) VALUES (?,?,?) ON CONFLICT (id)"
+                " DO UPDATE SET grp=excluded.grp, device=excluded.device", list(rows))
+
+    def meters(self) -> list[MeterRow]:
+        return [
+            MeterRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+            for r in self.conn.execute(
+                "SELECT id, device, grp, format, first_seen, last_seen, power_w, online, acct"
+                " FROM meters ORDER BY id")
+        ]
+
+    # ------------------------------------------------------------------ queries
+
+    def daily_totals(self, day_from: str, day_to: str) -> dict[str, tuple[float, float]]:
+        """kWh and gap upper bound per meter over local days ``[day_from, day_to]``."""
+        return {
+            m: (kwh, gap)
+            for m, kwh, gap in self.conn.execute(
+                "SELECT meter, sum(kwh), sum(gap_kwh) FROM daily WHERE day BETWEEN ? AND ?"
+                " GROUP BY meter", (day_from, day_to))
+        }
+
+    def energy_between(self, start_ts: float, end_ts: float,
+                       bucket_s: int = 900) -> dict[str, float]:
+        """kWh per meter in ``[start_ts, end_ts)`` from the ledger; partial buckets pro rata."""
+        first = int(start_ts // bucket_s) * bucket_s
+        out: dict[str, float] = {}
+        for meter, bucket, kwh in self.conn.execute(
+            "SELECT meter, bucket, kwh FROM ledger WHERE bucket >= ? AND bucket < ?",
+            (first, end_ts),
+        ):
+            lo, hi = max(bucket, start_ts), min(bucket + bucket_s, end_ts)
+            if hi <= lo:
+                continue
+            share = 1.0 if (lo == bucket and hi == bucket + bucket_s) else (hi - lo) / bucket_s
+            out[meter] = out.get(meter, 0.0) + kwh * share
+        return out
+
+    def kv_get(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def kv_set(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+    def counts(self) -> dict[str, int]:
+        q = {
+            "readings": "SELECT coalesce(max(id), 0) FROM readings",
+            "dead_letters": "SELECT count(*) FROM dead_letters",
+            "gaps": "SELECT count(*) FROM gaps",
+            "anomalies": "SELECT count(*) FROM anomalies",
+        }
+        return {k: int(self.conn.execute(sql).fetchone()[0]) for k, sql in q.items()}
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self, now: float, raw_retention_days: int,
+                     keep_from_id: int | None = None) -> dict[str, int]:
+        """Drop raw data past retention and old fingerprints.  Never drops unexported
+        readings (``keep_from_id``: the export cursor) or the ledger (it is the record)."""
+        cutoff = now - raw_retention_days * 86400.0
+        with self.transaction() as c:
+            if keep_from_id is None:
+                n = c.execute("DELETE FROM readings WHERE ts < ?", (cutoff,)).rowcount
+            else:
+                n = c.execute("DELETE FROM readings WHERE ts < ? AND id <= ?",
+                              (cutoff, keep_from_id)).rowcount
+            d = c.execute("DELETE FROM dead_letters WHERE received_at < ?", (cutoff,)).rowcount
+            top = c.execute("SELECT coalesce(max(seq), 0) FROM msg_seen").fetchone()[0]
+            f = c.execute("DELETE FROM msg_seen WHERE seq <= ?",
+                          (top - FINGERPRINTS_KEPT,)).rowcount
+        return {"readings": n, "dead_letters": d, "fingerprints": f}
