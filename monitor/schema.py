@@ -178,4 +178,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE TABLE export_outbox (id INTEGER PRIMARY KEY, line TEXT NOT NULL);
         """,
     ),
+    (
+        3,
+        """
+        -- export lines InfluxDB rejected for their content (HTTP 400/413/422), isolated by
+        -- bisecting the batch; kept with the server's reason so an operator can fix and
+        -- re-queue them (INSERT INTO export_outbox (line) SELECT line FROM ...)
+        CREATE TABLE export_dead_letters (
+            id INTEGER PRIMARY KEY,
+            line TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX export_dead_letters_at ON export_dead_letters (at);
+        """,
+    ),
 ]
