@@ -148,8 +148,8 @@ def kwh_from_wh(wh: float) -> float:
 
 
 def kwh_from_wmin(wmin: float) -> float:
-    """Watt-minutes (Shelly Gen1) -> kWh, rounded to 1e-9 kWh."""
-    return round(wmin / 60000.0, 9)
+    """Watt-minutes (Shelly Gen1) -> kWh (not decimal anyway, so not rounded)."""
+    return wmin / 60000.0
 
 
 def w_from_kw(kw: float) -> float:
