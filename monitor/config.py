@@ -221,8 +221,8 @@ class _RuleBase(_Model):
     regions: list[str] = Field(default_factory=list)
     subregions: list[str] = Field(default_factory=list)
     exclude_subregions: list[str] = Field(default_factory=list)
-    on_warn: list[Action] = Field(default_factory=lambda: ["alert"])
-    on_breach: list[Action] = Field(default_factory=lambda: ["alert"])
+    on_warn: list[Action] = Field(default_factory=lambda: _actions("alert"))
+    on_breach: list[Action] = Field(default_factory=lambda: _actions("alert"))
     effective_from: dt.date | None = None
     effective_until: dt.date | None = None  # inclusive
     repeat_s: float = Field(0.0, ge=0)  # remind of an unresolved breach this often (0 = never)
@@ -237,6 +237,10 @@ class _RuleBase(_Model):
 
 
 Scope = Annotated[str, Field(pattern=r"^(site|group:.+|meter:.+)$")]
+
+
+def _actions(*names: Action) -> list[Action]:
+    return list(names)
 
 
 def _check_fractions(v: list[float]) -> list[float]:
@@ -309,7 +313,7 @@ class BanWindowRule(_RuleBase):
     exempt_off_grid: bool = True
     lead_time_s: float = Field(172800.0, ge=0)
     scope: Scope = "site"
-    on_breach: list[Action] = Field(default_factory=lambda: ["alert", "shutdown"])
+    on_breach: list[Action] = Field(default_factory=lambda: _actions("alert", "shutdown"))
 
     @model_validator(mode="after")
     def _some_window(self) -> BanWindowRule:
@@ -329,7 +333,7 @@ class CurtailmentRule(_RuleBase):
     kind: Literal["curtailment"]
     topic: str
     scope: Scope = "site"
-    on_breach: list[Action] = Field(default_factory=lambda: ["alert", "limit"])
+    on_breach: list[Action] = Field(default_factory=lambda: _actions("alert", "limit"))
 
 
 class ReconcileRule(_RuleBase):

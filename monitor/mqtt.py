@@ -135,7 +135,7 @@ class MqttLink:
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker re-delivers it to our next session
-        msg = Message(m.topic, m.payload, time.time(), m.qos, bool(m.retain), bool(m.dup), m.mid)
+        msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain), bool(m.dup), m.mid)
         self.metrics.messages_received.inc()
         if m.qos == 0:
             try:
@@ -154,7 +154,7 @@ class MqttLink:
 
     def start(self) -> None:
         mc = self.config.mqtt
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = mc.session_expiry_s
         props.ReceiveMaximum = mc.receive_maximum
         try:

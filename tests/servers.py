@@ -97,8 +97,8 @@ class Mosquitto:
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path, **kw: int) -> Iterator[Mosquitto]:
-    broker = Mosquitto(workdir, **kw)
+def mosquitto(workdir: Path, port: int = 0, max_queued: int = 0) -> Iterator[Mosquitto]:
+    broker = Mosquitto(workdir, port=port, max_queued=max_queued)
     broker.start()
     try:
         yield broker
