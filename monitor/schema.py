@@ -193,4 +193,29 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX export_dead_letters_at ON export_dead_letters (at);
         """,
     ),
+    (
+        4,
+        """
+        -- orders: the publication outbox and per-order extras (monitor/actions.py).
+        -- publish_due: the order's MQTT messages are due at this time (NULL: nothing to
+        -- publish); cleared only once the broker acknowledged them, so a crash between
+        -- commit and publication re-sends.  data: JSON (shed plan, evidence, violations).
+        ALTER TABLE orders ADD COLUMN publish_due REAL;
+        ALTER TABLE orders ADD COLUMN published_at REAL;
+        ALTER TABLE orders ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
+        CREATE INDEX orders_scope ON orders (scope, issued_at);
+        CREATE INDEX orders_state ON orders (state);
+        CREATE INDEX orders_due ON orders (publish_due) WHERE publish_due IS NOT NULL;
+
+        -- the order in force for each meter: the latest non-refused order naming it,
+        -- per mode (dry_run 0/1); meter '' holds orders that name no meter
+        CREATE TABLE order_meters (
+            meter TEXT NOT NULL,
+            dry_run INTEGER NOT NULL,
+            order_id TEXT NOT NULL,
+            PRIMARY KEY (meter, dry_run)
+        ) WITHOUT ROWID;
+        CREATE INDEX order_meters_order ON order_meters (order_id);
+        """,
+    ),
 ]
