@@ -982,9 +982,10 @@ def to_html(report: Mapping[str, Any]) -> str:
                      for a in alerts), numeric=(5, 6)))
 
     p.append("<h2>Orders issued</h2>")
-    p.append(_table(["issued (UTC)", "action", "scope", "rule", "meters", "outcome",
+    p.append(_table(["order", "issued (UTC)", "action", "scope", "rule", "meters", "outcome",
                      "resends", "dry run", "reason"],
-                    ([_e(o["issued_at"]), _e(o["action"]), _e(o["scope"]), _e(o["rule"]),
+                    ([_e(o["order_id"]), _e(o["issued_at"]), _e(o["action"]), _e(o["scope"]),
+                      _e(o["rule"]),
                       _e(o["meters"]), _e(o["outcome"]), _e(o["resends"]), _e(o["dry_run"]),
                       _e(o["reason"])] for o in report["orders"]["items"])))
 
