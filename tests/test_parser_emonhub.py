@@ -39,6 +39,8 @@ def test_node_variable_power_and_energy() -> None:
     assert e.energy_scope is EnergyScope.LIFETIME
     (p,) = parse("emon/emontx3/power2", b"55.5").readings  # emonTx3 naming
     assert (p.device, p.power_w) == ("emonhub/emontx3:2", 55.5)
+    (p,) = parse("emon/emontx3/P01", b"1").readings
+    assert p.device == "emonhub/emontx3:1"
 
 
 def test_json_node_splits_channels_and_attaches_vrms() -> None:
@@ -70,6 +72,8 @@ def test_custom_base_topic() -> None:
         ("emon/emontx4/MSG", b"12"),
         ("emon/emontx4/rssi", b"-60"),
         ("emon/emonpi/power1pluspower2", b"300"),  # a sum would count twice
+        ("emon/emontx4/P\u00b2", b"3"),  # not an ASCII channel number
+        ("emon/emontx4/P", b"3"),
         ("emon/emontx4", {"Vrms": 240.1, "T1": 20}),
     ],
 )

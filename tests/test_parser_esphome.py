@@ -108,6 +108,7 @@ def test_ignored(topic: str, payload: bytes) -> None:
         ("rig/sensor/energy/state", b"ON", "not_a_number"),
         ("rig/sensor/energy/state", b"", "empty"),
         ("rig/sensor/load/state", b"5", "no_measurement"),
+        ("rig/sensor/clamp_1/state", b"5", "no_measurement"),
         ("rig/sensor/power", b"5", "unknown_topic"),
         ("status", b"online", "unknown_topic"),
         ("rig/status", b"gone", "unknown_value"),

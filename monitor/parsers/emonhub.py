@@ -34,14 +34,22 @@ from monitor.parsers.common import (
 )
 
 
+def _channel(digits: str) -> str | None:
+    """``"01"`` -> ``"1"``; None unless plain ASCII digits."""
+    if digits.isascii() and digits.isdigit():
+        return digits.lstrip("0") or "0"
+    return None
+
+
 def _input(name: str) -> tuple[str, bool] | None:
     """(channel, is_energy) of an input name, or None if it is not read."""
-    if name[:1] == "P" and name[1:].isdigit():
-        return str(int(name[1:])), False
-    if name[:1] == "E" and name[1:].isdigit():
-        return str(int(name[1:])), True
-    if name[:5] == "power" and name[5:].isdigit():
-        return str(int(name[5:])), False
+    head = name[:1]
+    if head in ("P", "E"):
+        channel = _channel(name[1:])
+        return None if channel is None else (channel, head == "E")
+    if name[:5] == "power":
+        channel = _channel(name[5:])
+        return None if channel is None else (channel, False)
     return None
 
 

@@ -39,7 +39,7 @@ from monitor.parsers.common import (
 _POWER_UNITS = {"w": False, "kw": True}  # value: needs kW -> W
 _ENERGY_UNITS = {"wh": True, "kwh": False}  # value: needs Wh -> kWh
 _OTHER_QUANTITIES = (
-    "voltage", "volt", "current", "amp", "temperature", "temp", "humidity", "frequency",
+    "voltage", "volt", "current", "amps", "ampere", "temperature", "temp", "humidity", "frequency",
     "freq", "uptime", "wifi", "signal", "rssi", "battery", "pressure", "illuminance", "lux",
     "factor", "reactive", "apparent",
 )
