@@ -278,6 +278,12 @@ def _label_in_month(label: str, pb: PeriodBounds) -> bool:
     return label == pb.label or label.startswith(pb.label + "-")
 
 
+def _label_other_month(label: str, pb: PeriodBounds) -> bool:
+    """A month or day label of another month: e.g. the previous month's closing
+    ``alert.resolved``, written at the first check of this month."""
+    return bool(re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", label)) and not _label_in_month(label, pb)
+
+
 def _label_covers(label: str, day: dt.date) -> bool:
     """Whether a verdict period label still holds on ``day``.  Calendar labels
     (``YYYY``, ``YYYY-MM``, ``YYYY-MM-DD``) end with their period; any other label
@@ -295,23 +301,33 @@ class _Energy:
     """Per-meter per-day kWh and gap upper bounds of the month (from ``daily``)."""
 
     def __init__(self, rows: Iterable[tuple[str, str, float, float, float]]) -> None:
-        self.kwh: dict[tuple[str, str], float] = {}
-        self.gap_kwh: dict[tuple[str, str], float] = {}
+        self.kwh: dict[str, dict[str, float]] = {}
+        self.gap_kwh: dict[str, dict[str, float]] = {}
         self.gap_s: dict[str, float] = {}
         for meter, day, kwh, gap_kwh, gap_s in rows:
-            self.kwh[(meter, day)] = float(kwh)
-            self.gap_kwh[(meter, day)] = float(gap_kwh)
+            self.kwh.setdefault(meter, {})[day] = float(kwh)
+            self.gap_kwh.setdefault(meter, {})[day] = float(gap_kwh)
             self.gap_s[meter] = self.gap_s.get(meter, 0.0) + float(gap_s)
 
     @property
     def meters(self) -> set[str]:
-        return {m for m, _ in self.kwh}
+        return set(self.kwh)
+
+    def day(self, meter: str, day: str) -> float:
+        return self.kwh.get(meter, {}).get(day, 0.0)
 
     def total(self, meters: Iterable[str], days: Iterable[str] | None = None,
               gaps: bool = False) -> float:
+        """kWh (or, with ``gaps``, gap upper bounds) of ``meters`` over ``days`` (all)."""
         src = self.gap_kwh if gaps else self.kwh
-        ms, ds = set(meters), None if days is None else set(days)
-        return sum(v for (m, d), v in src.items() if m in ms and (ds is None or d in ds))
+        wanted = None if days is None else list(days)
+        out = 0.0
+        for m in sorted(set(meters)):  # a fixed order: float sums, hence digests, reproduce
+            per = src.get(m)
+            if per:
+                out += sum(per.values()) if wanted is None else sum(
+                    per.get(d, 0.0) for d in wanted)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +409,7 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
         exempt = rule.exempt_off_grid and config.site.off_grid
         banned = _banned_days(rule, pb)
         kwh = energy.total(scope_ids, banned)
-        entry.update(unit="kWh", used=_kwh(kwh))
+        entry.update(limit=0.0, unit="kWh", used=_kwh(kwh))  # nothing may be drawn
         entry["measured"] = {
             "basis": "energy drawn on banned local days",
             "banned_days": len(banned),
@@ -594,7 +610,7 @@ def build_report(store: Store, config: Config, period: str, now: float) -> dict[
     ids = list(meters)
     day_rows = []
     for d in days:
-        by_meter = {mid: _kwh(energy.kwh.get((mid, d), 0.0)) for mid in ids}
+        by_meter = {mid: _kwh(energy.day(mid, d)) for mid in ids}
         kwh, gap_kwh = energy.total(ids, [d]), energy.total(ids, [d], gaps=True)
         day_rows.append({"day": d, "accounted_kwh": _kwh(kwh), "gap_upper_kwh": _kwh(gap_kwh),
                          "conservative_kwh": _kwh(kwh + gap_kwh), "meters": by_meter})
@@ -614,7 +630,7 @@ def build_report(store: Store, config: Config, period: str, now: float) -> dict[
         item = _event_item(row, body)
         events.append(item)
         event_counts[kind] = event_counts.get(kind, 0) + 1
-        if kind in ALERT_KINDS:
+        if kind in ALERT_KINDS and not _label_other_month(str(body.get("period") or ""), pb):
             alerts.append({**item, "state": _event_state(kind, severity, body),
                            "after_period_end": False})
     # The alert machine closes a calendar period's alert at the first check of the
@@ -928,12 +944,22 @@ def to_html(report: Mapping[str, Any]) -> str:
     sha = content_sha256(report)
     site, per, tot, aud = report["site"], report["period"], report["totals"], report["audit"]
     title = f"Energy compliance report {per['label']} \u2014 {site['id']}"
+    tz = ZoneInfo(per["timezone"])
+
+    def when(iso_utc: str | None) -> str:
+        """Times are printed in the site's zone with their offset (the JSON keeps UTC)."""
+        if iso_utc is None:
+            return "\u2014"
+        t = dt.datetime.fromisoformat(iso_utc.replace("Z", "+00:00")).astimezone(tz)
+        return html.escape(t.strftime("%Y-%m-%d %H:%M:%S %z"))
+
     p: list[str] = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="muted">{_e(site["name"])}</p>',
+        f'<p class="muted">{_e(site["name"])}. Times are local to {_e(per["timezone"])}, '
+        "with their UTC offset.</p>",
         "<h2>Site and period</h2><dl>",
     ]
     for label, value in (
@@ -944,7 +970,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         ("Start", f"{per['start_local']} = {per['start_utc']}"),
         ("End (exclusive)", f"{per['end_local']} = {per['end_utc']}"),
         ("Period complete", per["complete"]),
-        ("Assessed until", per["assessed_until_utc"]),
+        ("Assessed until", when(per["assessed_until_utc"])),
     ):
         p.append(f"<dt>{html.escape(label)}</dt><dd>{_e(value)}</dd>")
     p.append("</dl>")
@@ -956,7 +982,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         ("Conservative total", f"{tot['conservative_kwh']:,.3f} kWh"),
         ("Gaps without an upper bound", tot["gaps_without_upper_bound"]),
         ("Data completeness", _pct(tot["completeness"])),
-        ("Peak 15-min average", f"{tot['peak_15min_kw']:,.3f} kW at {_e(tot['peak_15min_at'])}"),
+        ("Peak 15-min average", f"{tot['peak_15min_kw']:,.3f} kW at {when(tot['peak_15min_at'])}"),
     ):
         p.append(f"<dt>{html.escape(label)}</dt><dd>{_e(value)}</dd>")
     p.append("</dl>")
@@ -975,16 +1001,16 @@ def to_html(report: Mapping[str, Any]) -> str:
         numeric=(4, 5, 6, 9)))
     alerts = [a for r in report["rules"] for a in r["alerts"]]
     p.append("<h3>Alerts in the period</h3>")
-    p.append(_table(["at (UTC)", "rule", "scope", "event", "state", "value", "limit",
+    p.append(_table(["at", "rule", "scope", "event", "state", "value", "limit",
                      "message"],
-                    ([_e(a["at"]), _e(a["rule"]), _e(a["scope"]), _e(a["kind"]),
+                    ([when(a["at"]), _e(a["rule"]), _e(a["scope"]), _e(a["kind"]),
                       _state(a["state"]), _e(a["value"]), _e(a["limit"]), _e(a["message"])]
                      for a in alerts), numeric=(5, 6)))
 
     p.append("<h2>Orders issued</h2>")
-    p.append(_table(["order", "issued (UTC)", "action", "scope", "rule", "meters", "outcome",
+    p.append(_table(["order", "issued", "action", "scope", "rule", "meters", "outcome",
                      "resends", "dry run", "reason"],
-                    ([_e(o["order_id"]), _e(o["issued_at"]), _e(o["action"]), _e(o["scope"]),
+                    ([_e(o["order_id"]), when(o["issued_at"]), _e(o["action"]), _e(o["scope"]),
                       _e(o["rule"]),
                       _e(o["meters"]), _e(o["outcome"]), _e(o["resends"]), _e(o["dry_run"]),
                       _e(o["reason"])] for o in report["orders"]["items"])))
@@ -994,8 +1020,8 @@ def to_html(report: Mapping[str, Any]) -> str:
         ["meter", "group", "rated kW", "first seen", "last seen", "accounted kWh",
          "gap upper kWh", "conservative kWh", "gap time (h)", "completeness",
          "since first seen", "anomalies"],
-        ([_e(m["id"]), _e(m["group"]), _e(m["rated_kw"]), _e(m["first_seen"]),
-          _e(m["last_seen"]), _e(m["accounted_kwh"]), _e(m["gap_upper_kwh"]),
+        ([_e(m["id"]), _e(m["group"]), _e(m["rated_kw"]), when(m["first_seen"]),
+          when(m["last_seen"]), _e(m["accounted_kwh"]), _e(m["gap_upper_kwh"]),
           _e(m["conservative_kwh"]), _e(m["gap_s"] / 3600.0), _pct(m["completeness"]),
           _pct(m["completeness_since_first_seen"]), _e(m["anomalies"])]
          for m in report["meters"]),
@@ -1029,13 +1055,13 @@ def to_html(report: Mapping[str, Any]) -> str:
     p.append(f"<h2>Anomalies ({an['total']})</h2>")
     p.append(f"<p>By kind: {_e(an['by_kind']) if an['by_kind'] else 'none'}. "
              f"Not listed: {_e(an['unlisted_kinds'])}.</p>")
-    p.append(_table(["at (UTC)", "meter", "kind", "value", "detail"],
-                    ([_e(a["at"]), _e(a["meter"]), _e(a["kind"]), _e(a["value"]),
+    p.append(_table(["at", "meter", "kind", "value", "detail"],
+                    ([when(a["at"]), _e(a["meter"]), _e(a["kind"]), _e(a["value"]),
                       _e(a["detail"])] for a in an["items"]), numeric=(3,)))
     p.append(f"<h2>Data gaps ({len(report['gaps'])})</h2>")
-    p.append(_table(["meter", "start (UTC)", "end (UTC)", "hours in period",
+    p.append(_table(["meter", "start", "end", "hours in period",
                      "upper bound kWh", "reason"],
-                    ([_e(g["meter"]), _e(g["start"]), _e(g["end"]),
+                    ([_e(g["meter"]), when(g["start"]), when(g["end"]),
                       _e(g["seconds_in_period"] / 3600.0), _e(g["upper_kwh_in_period"]),
                       _e(g["reason"])] for g in report["gaps"]), numeric=(3, 4)))
     dl = report["dead_letters"]
@@ -1044,8 +1070,8 @@ def to_html(report: Mapping[str, Any]) -> str:
                     ([_e(k), _e(v)] for k, v in dl["by_reason"].items()), numeric=(1,)))
     ev = report["events"]
     p.append(f"<h2>Events ({ev['total']})</h2>")
-    p.append(_table(["at (UTC)", "kind", "severity", "rule", "scope", "message"],
-                    ([_e(e["at"]), _e(e["kind"]), _e(e["severity"]), _e(e["rule"]),
+    p.append(_table(["at", "kind", "severity", "rule", "scope", "message"],
+                    ([when(e["at"]), _e(e["kind"]), _e(e["severity"]), _e(e["rule"]),
                       _e(e["scope"]), _e(e["message"])] for e in ev["items"])))
 
     p.append("<h2>Audit log</h2><dl>")
