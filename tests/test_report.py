@@ -617,3 +617,25 @@ def test_run_reports_an_unwritable_output(irk: tuple[Store, Config], tmp_path: P
     target = tmp_path / "missing-dir" / "r.json"
     assert rp.run(cfg, "2026-11", "json", target, now=NOW_IRK, stderr=err) == 1
     assert "cannot write" in err.getvalue() and not target.exists()
+
+
+# --------------------------------------------------------------------------- docs
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "report.md"
+
+
+def test_docs_name_every_key_and_csv_section(irk_report: dict[str, Any]) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    for key in irk_report:
+        assert f"`{key}`" in text, f"docs/report.md does not describe key {key!r}"
+    for key in (*irk_report["period"], *irk_report["totals"], *irk_report["audit"]):
+        assert f"`{key}`" in text, f"docs/report.md does not describe {key!r}"
+    for section in rp.csv_sections(irk_report):
+        assert f"`[{section}]`" in text, f"docs/report.md lacks CSV section {section!r}"
+
+
+def test_docs_digest_recipe_checks_a_report(irk_report: dict[str, Any]) -> None:
+    doc = json.loads(rp.to_json(irk_report))
+    claimed = doc.pop("sha256")
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(canonical.encode()).hexdigest() == claimed
