@@ -192,11 +192,12 @@ class Intake:
             rep.readings += 1
 
     def _availability(self, av: Availability, at: float, fmt: str) -> None:
-        prefix = av.device + ":"
+        # channels ("shelly/x:0") and ESPHome sensors ("esphome/node/power") of the device
+        prefixes = (av.device + ":", av.device + "/")
         def covered(m: _Meter) -> bool:
             mc = self._configured.get(m.id)
             devices = mc.devices if mc else (m.device,)
-            return any(d == av.device or d.startswith(prefix) for d in devices)
+            return any(d == av.device or d.startswith(prefixes) for d in devices)
 
         targets = [m for m in self._meters.values() if covered(m)]
         if not targets and av.device in self._by_device:

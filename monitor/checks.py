@@ -1,0 +1,151 @@
+"""The scheduled rule check: store -> snapshot -> verdicts -> alert states -> events/orders.
+
+Called from one scheduler job (never concurrently with itself).  Everything a
+check decides -- new alert states, events, audit entries, export lines and
+orders -- is written in ONE transaction, so a crash either keeps all of it or
+none (and the next check decides again: no event is lost or doubled).  Orders
+are published only after that commit (:meth:`Actions.publish_pending`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from monitor import alerts, audit, rules
+from monitor.alerts import AlertState, AlertStore
+from monitor.config import Config
+from monitor.events import emit
+from monitor.exporter import rule_line
+from monitor.metrics import Metrics
+from monitor.store import Store
+
+log = logging.getLogger(__name__)
+
+STATE_INT = {"ok": 0, "warning": 1, "breach": 2}
+
+
+class OrderSink(Protocol):
+    """What the check needs from the actions layer (monitor.actions.Actions)."""
+
+    def order(self, conn: sqlite3.Connection, action: str, scope: str, rule: str, reason: str,
+              now: float, target_kw: float | None = None) -> object: ...
+
+    def on_clear(self, conn: sqlite3.Connection, rule: str, scope: str, now: float) -> object: ...
+
+    def publish_pending(self, conn: sqlite3.Connection) -> object: ...
+
+
+@dataclass
+class CheckResult:
+    verdicts: list[rules.Verdict] = field(default_factory=list)
+    events: int = 0
+    orders: int = 0
+
+
+def build_snapshot(store: Store, config: Config, now: float) -> rules.Snapshot:
+    """Read what the configured rules need from the store, as of ``now``."""
+    tz = config.site.tz
+    configured = {m.id: m for m in config.meters}
+    default_interval = config.intake.expected_interval_s
+    meters: dict[str, rules.MeterSnapshot] = {}
+    for row in store.meters():
+        mc = configured.get(row.id)
+        interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
+        fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
+        meters[row.id] = rules.MeterSnapshot(
+            id=row.id, group=mc.group if mc else row.group,
+            rated_kw=mc.rated_kw if mc else None, last_seen=row.last_seen, online=row.online,
+            power_w=row.power_w if fresh else None, expected_interval_s=interval)
+    period_kwh: dict[str, dict[str, float]] = {}
+    period_gap: dict[str, dict[str, float]] = {}
+    for period in rules.periods_needed(config.rules):
+        start, _end, _label = rules.period_bounds(period, now, tz)
+        first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
+        today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
+        totals = store.daily_totals(first, today)
+        period_kwh[period] = {m: v[0] for m, v in totals.items()}
+        period_gap[period] = {m: v[1] for m, v in totals.items()}
+    windows = {w: store.energy_between(now - w, now) for w in rules.windows_needed(config.rules)}
+    signals = {
+        topic: rules.Signal(target_kw=kw if kw is not None else 0.0,
+                            until=until if until is not None else 0.0, received_at=at)
+        for topic, kw, until, at in store.conn.execute(
+            "SELECT topic, target_kw, until, received_at FROM signals")
+    }
+    return rules.Snapshot(now=now, site=config.site, meters=meters, period_kwh=period_kwh,
+                          period_gap_kwh=period_gap, window_kwh=windows, signals=signals)
+
+
+class Checker:
+    """Runs one check per call of :meth:`run`.  Owned by the scheduler's check job."""
+
+    def __init__(self, config: Config, metrics: Metrics, actions: OrderSink | None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.actions = actions
+        self.rules_by_id = {r.id: r for r in config.rules}
+
+    def run(self, store: Store, now: float) -> CheckResult:
+        snap = build_snapshot(store, self.config, now)
+        verdicts = rules.evaluate_all(self.config.rules, snap)
+        res = CheckResult(verdicts=verdicts)
+        site = self.config.site.id
+        with store.transaction() as conn:
+            states = AlertStore(conn)
+            known = states.load_all()
+            for v in verdicts:
+                rule = self.rules_by_id[v.rule]
+                prev = known.get((v.rule, v.scope))
+                new, drafts = alerts.step(prev, v, now, rule)
+                if new != prev:
+                    states.save(new)
+                if prev is None or new.state != prev.state:
+                    audit.append(conn, "rule.transition", _transition(v, prev, new), now)
+                conn.execute("INSERT INTO export_outbox (line) VALUES (?)", (rule_line(
+                    site, v.rule, v.scope, v.value, v.limit, v.ratio, v.projected,
+                    STATE_INT[v.state], now),))
+                for d in drafts:
+                    emit(conn, self.config, d.body(site=site, event_id=_new_id()), now)
+                    res.events += 1
+                res.orders += self._act(conn, v, drafts, now)
+                self.metrics.rule_state.labels(v.rule, v.scope).set(STATE_INT[v.state])
+                if v.ratio is not None:
+                    self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
+        if self.actions is not None and res.orders:
+            self.actions.publish_pending(store.conn)
+        return res
+
+    def _act(self, conn: sqlite3.Connection, v: rules.Verdict,
+             drafts: Sequence[alerts.EventDraft], now: float) -> int:
+        if self.actions is None:
+            return 0
+        wanted, cleared = alerts.on_actions(drafts)
+        n = 0
+        if "shutdown" in wanted and v.state == "breach":
+            self.actions.order(conn, "shutdown", v.scope, v.rule, v.message, now)
+            n += 1
+        elif "limit" in wanted and v.state == "breach":
+            self.actions.order(conn, "limit", v.scope, v.rule, v.message, now,
+                               target_kw=v.target_kw)
+            n += 1
+        if cleared:
+            self.actions.on_clear(conn, v.rule, v.scope, now)
+            n += 1
+        return n
+
+
+def _transition(v: rules.Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
+    return {"rule": v.rule, "scope": v.scope, "from": prev.state if prev else None,
+            "to": new.state, "value": v.value, "limit": v.limit, "unit": v.unit,
+            "period": v.period, "message": v.message}
+
+
+def _new_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
