@@ -105,9 +105,11 @@ def parse_period(period: str) -> tuple[int, int]:
                          f"not {period!r}")
     year, month = int(m.group(1)), int(m.group(2))
     if not 1 <= month <= 12:
-        raise ValueError(f"period {period!r}: month must be 01 to 12")
+        raise ValueError(f"period {period!r} is not a calendar month YYYY-MM: "
+                         "the month must be 01 to 12")
     if not 1970 <= year <= 9998:
-        raise ValueError(f"period {period!r}: year must be between 1970 and 9998")
+        raise ValueError(f"period {period!r} is not a calendar month YYYY-MM: "
+                         "the year must be 1970 to 9998")
     return year, month
 
 
@@ -496,7 +498,11 @@ def _audit(store: Store, pb: PeriodBounds) -> dict[str, Any]:
         verify = importlib.import_module("monitor.audit").verify
     except (ImportError, AttributeError):
         return out
-    result = verify(conn)
+    try:
+        result = verify(conn)
+    except Exception as exc:  # noqa: BLE001 - a log that cannot be checked is reported, not fatal
+        out.update(verified=False, reason=f"verification could not run: {exc}")
+        return out
     out.update(verified=bool(result.ok), checked=int(result.checked),
                first_bad_seq=result.first_bad_seq, reason=str(result.reason))
     return out
@@ -512,7 +518,23 @@ def build_report(store: Store, config: Config, period: str, now: float) -> dict[
     time (it also ends the assessed span of a month still running).  A month
     without data gives a valid report with zeros.  Raises :class:`ValueError` for
     a malformed ``period``.
+
+    All queries run in one read transaction (unless the caller already holds
+    one), so a report made while the daemon writes is one consistent snapshot
+    of the store: its totals, days and events agree with each other.
     """
+    period_bounds(period, config.site.tz)  # validate before touching the store
+    conn = store.conn
+    if conn.in_transaction:
+        return _build(store, config, period, now)
+    conn.execute("BEGIN")
+    try:
+        return _build(store, config, period, now)
+    finally:
+        conn.execute("ROLLBACK")  # nothing was written; ends the read snapshot
+
+
+def _build(store: Store, config: Config, period: str, now: float) -> dict[str, Any]:
     site = config.site
     tz = site.tz
     pb = period_bounds(period, tz)

@@ -639,3 +639,16 @@ def test_docs_digest_recipe_checks_a_report(irk_report: dict[str, Any]) -> None:
     claimed = doc.pop("sha256")
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert hashlib.sha256(canonical.encode()).hexdigest() == claimed
+
+
+def test_build_reads_one_snapshot_and_leaves_no_transaction(irk: tuple[Store, Config]) -> None:
+    st, cfg = irk
+    rp.build_report(st, cfg, "2026-11", NOW_IRK)
+    assert not st.conn.in_transaction
+    st.conn.execute("BEGIN")  # a caller's own read transaction is left to the caller
+    rp.build_report(st, cfg, "2026-11", NOW_IRK)
+    assert st.conn.in_transaction
+    st.conn.execute("ROLLBACK")
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        rp.build_report(st, cfg, "2026-13", NOW_IRK)
+    assert not st.conn.in_transaction
