@@ -380,10 +380,10 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
             entry["measured"] = {
                 "basis": "largest day of the month",
                 "day": worst_day,
-                "days_over_limit": sum(1 for d in days if basis[d] > rule.limit_kwh),
+                "days_over_limit": sum(1 for d in days if basis[d] >= rule.limit_kwh),
             }
         elif rule.period == "calendar_year":
-            ytd = _year_to_date(store, scope_ids, pb)
+            ytd = _year_to_date(store, None if scope == "site" else scope_ids, pb)
             used, used_c = ytd
             entry["measured"] = {
                 "basis": f"year to date {pb.first_day.year}-01-01 .. {pb.last_day.isoformat()}"}
@@ -447,14 +447,18 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
     return entry
 
 
-def _year_to_date(store: Store, meter_ids: Sequence[str], pb: PeriodBounds) -> tuple[float, float]:
-    if not meter_ids:
+def _year_to_date(store: Store, meter_ids: Sequence[str] | None,
+                  pb: PeriodBounds) -> tuple[float, float]:
+    """(kWh, kWh + gap bound) from 1 January to the month's last day; ``None``: every
+    meter (the site, including meters that reported only earlier in the year)."""
+    if meter_ids is not None and not meter_ids:
         return 0.0, 0.0
-    marks = ",".join("?" * len(meter_ids))
+    ids = list(meter_ids or ())
+    where = f" AND meter IN ({','.join('?' * len(ids))})" if meter_ids is not None else ""
     kwh, gap = store.conn.execute(
-        f"SELECT coalesce(sum(kwh), 0), coalesce(sum(gap_kwh), 0) FROM daily"
-        f" WHERE day BETWEEN ? AND ? AND meter IN ({marks})",
-        (f"{pb.first_day.year:04d}-01-01", pb.last_day.isoformat(), *meter_ids),
+        "SELECT coalesce(sum(kwh), 0), coalesce(sum(gap_kwh), 0) FROM daily"
+        f" WHERE day BETWEEN ? AND ?{where}",
+        (f"{pb.first_day.year:04d}-01-01", pb.last_day.isoformat(), *ids),
     ).fetchone()
     return float(kwh), float(kwh) + float(gap)
 

@@ -422,6 +422,7 @@ def berlin(tmp_path: Path) -> Iterator[tuple[Store, Config]]:
     insert_daily(st, "m1", "2026-09-30", 500.0)
     insert_daily(st, "m1", "2026-11-01", 600.0)
     insert_daily(st, "m1", "2025-12-31", 7.0)  # last year: not in this year's total
+    insert_daily(st, "old", "2026-02-10", 30.0)  # a meter gone by October: still the site's
     for day in range(1, 32):
         # the 25th has 25 hours; an hour of it is a gap bounded by 1 kWh
         kwh, gap_kwh, gap_s = (24.0, 1.0, 3600.0) if day == 25 else (24.0, 0.0, 0.0)
@@ -446,7 +447,8 @@ def test_berlin_october_has_745_hours(berlin: tuple[Store, Config]) -> None:
     daily = rule(r, "daily")  # conservative off: 24 kWh a day, all under 24.5
     assert daily["measured"]["days_over_limit"] == 0 and daily["used"] == 24.0
     yearly = rule(r, "yearly")
-    assert yearly["used"] == pytest.approx(500 + 31 * 24.0)  # Sep 30 + October, not 2025
+    assert yearly["used"] == pytest.approx(30 + 500 + 31 * 24.0)  # Feb, Sep 30, October
+    assert [m["id"] for m in r["meters"]] == ["m1"]
 
 
 # --------------------------------------------------------------------------- empty period
