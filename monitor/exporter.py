@@ -480,18 +480,18 @@ class Exporter:
         finally:
             conn.close()
 
-    def flush(self, max_batches: int = 10) -> FlushResult:
+    def flush(self, max_batches: int = 10, *, ignore_backoff: bool = False) -> FlushResult:
         """Send up to ``max_batches`` batches of ``batch_size`` lines.
 
-        Returns at once (``skipped``) while a backoff is running.  Never raises
-        for server or store trouble: that is in ``FlushResult.error`` and in
-        :attr:`health`.
+        Returns at once (``skipped``) while a backoff is running, unless
+        ``ignore_backoff`` (the last flush at shutdown).  Never raises for server
+        or store trouble: that is in ``FlushResult.error`` and in :attr:`health`.
         """
         with self._flush_lock:
             if self._closed:
                 raise ExportClosedError("the exporter is closed")
             wait_s = self._next_attempt - self._clock()
-            if wait_s > 0:
+            if wait_s > 0 and not ignore_backoff:
                 return FlushResult(skipped=True, retry_in_s=wait_s,
                                    error=self._last_error)
             try:
@@ -545,7 +545,8 @@ class Exporter:
                     error = self._failed(exc)
                     break
                 self._commit(conn, batch, rejected)
-                self._succeeded()
+                if batch.lines:  # the server answered: whatever was wrong is over
+                    self._succeeded()
                 self._metrics.written(len(batch.lines) - len(rejected),
                                       self._clock() - started)
                 if rejected:

@@ -266,3 +266,20 @@ def test_provisioning_files() -> None:
     prov = yaml.safe_load((GRAFANA / "provisioning/dashboards/energy-monitor.yaml").read_text())
     [provider] = prov["providers"]
     assert provider["type"] == "file" and provider["options"]["path"]
+
+
+def test_escaping_round_trips_through_influxdb(influx: Influx1) -> None:
+    """Tags and strings with separators, quotes, backslashes and newlines come back
+    exactly as given (newlines in messages become spaces, by design)."""
+    site, rule, scope = "esc 01,a=b", "cap, \"x\"=1", "group:hall a\\b"
+    message = 'said "stop" at C:\\rack\\7,\nthen=left'
+    influx.write([
+        event_line(site, "alert.firing", rule, message, T1),
+        rule_line(site, rule, scope, 1.5, 3, 0.5, None, 2, T1),
+    ])
+    [ev] = influx.query(f'SELECT "message", "rule" FROM "energy_event" WHERE "site" = '
+                        f"'esc 01,a=b' AND {time_filter(T0, T1 + 1)}")
+    assert ev["values"][0][1:] == [message.replace("\n", " "), rule]
+    [ru] = influx.query(f'SELECT "limit", "state" FROM "energy_rule" WHERE "scope" = '
+                        f"'group:hall a\\\\b' AND {time_filter(T0, T1 + 1)}")
+    assert ru["values"][0][1:] == [3, 2]
