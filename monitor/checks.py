@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sqlite3
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,14 +31,12 @@ STATE_INT = {"ok": 0, "warning": 1, "breach": 2}
 
 
 class OrderSink(Protocol):
-    """What the check needs from the actions layer (monitor.actions.Actions)."""
+    """What the check needs from the actions layer (:class:`monitor.actions.Actions`)."""
 
-    def order(self, conn: sqlite3.Connection, action: str, scope: str, rule: str, reason: str,
-              now: float, target_kw: float | None = None) -> object: ...
+    def apply(self, conn: sqlite3.Connection, verdict: rules.Verdict, actions: Iterable[str],
+              breach_cleared: bool, now: float) -> Sequence[object]: ...
 
-    def on_clear(self, conn: sqlite3.Connection, rule: str, scope: str, now: float) -> object: ...
-
-    def publish_pending(self, conn: sqlite3.Connection) -> object: ...
+    def publish_pending(self, conn: sqlite3.Connection, now: float | None = None) -> int: ...
 
 
 @dataclass
@@ -110,42 +109,34 @@ class Checker:
                     site, v.rule, v.scope, v.value, v.limit, v.ratio, v.projected,
                     STATE_INT[v.state], now),))
                 for d in drafts:
-                    emit(conn, self.config, d.body(site=site, event_id=_new_id()), now)
+                    emit(conn, self.config, d.body(site=site, event_id=str(uuid.uuid4())), now,
+                         deliver="alert" in d.actions)
                     res.events += 1
                 res.orders += self._act(conn, v, drafts, now)
                 self.metrics.rule_state.labels(v.rule, v.scope).set(STATE_INT[v.state])
                 if v.ratio is not None:
                     self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
+            # a rule removed from the config (or no longer matching the site) leaves
+            # no stale state behind in `status`
+            current = {(v.rule, v.scope) for v in verdicts}
+            for key in set(known) - current:
+                states.delete(*key)
         if self.actions is not None and res.orders:
             self.actions.publish_pending(store.conn)
         return res
 
     def _act(self, conn: sqlite3.Connection, v: rules.Verdict,
              drafts: Sequence[alerts.EventDraft], now: float) -> int:
-        if self.actions is None:
+        if self.actions is None or not drafts:
             return 0
+        # on_warn or on_breach, whichever the transition fired; reminders carry only alert
         wanted, cleared = alerts.on_actions(drafts)
-        n = 0
-        if "shutdown" in wanted and v.state == "breach":
-            self.actions.order(conn, "shutdown", v.scope, v.rule, v.message, now)
-            n += 1
-        elif "limit" in wanted and v.state == "breach":
-            self.actions.order(conn, "limit", v.scope, v.rule, v.message, now,
-                               target_kw=v.target_kw)
-            n += 1
-        if cleared:
-            self.actions.on_clear(conn, v.rule, v.scope, now)
-            n += 1
-        return n
+        if not cleared and not set(wanted) & {"shutdown", "limit"}:
+            return 0
+        return len(self.actions.apply(conn, v, wanted, cleared, now))
 
 
 def _transition(v: rules.Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
     return {"rule": v.rule, "scope": v.scope, "from": prev.state if prev else None,
             "to": new.state, "value": v.value, "limit": v.limit, "unit": v.unit,
             "period": v.period, "message": v.message}
-
-
-def _new_id() -> str:
-    import uuid
-
-    return str(uuid.uuid4())

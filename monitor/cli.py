@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -16,9 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from monitor import __version__
+from monitor import __version__, audit, events, report, simulate, status
 from monitor import config as config_mod
+from monitor.actions import Actions, ActionsError, transaction
 from monitor.config import Config, ConfigError
+from monitor.service import Service
+from monitor.store import Store
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 log = logging.getLogger("monitor")
@@ -36,8 +40,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor.service import Service
-
     cfg = _load(args)
     stop = threading.Event()
 
@@ -50,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     svc = Service(cfg)
     try:
         svc.start()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any start failure: undo what started, exit 1
         log.error("cannot start: %s", exc)
         svc.stop()
         return EXIT_FAIL
@@ -61,14 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from monitor import status
-    from monitor.store import Store
-
     cfg = _load(args)
-    if not Path(cfg.storage.path).exists():
-        print(f"no store at {cfg.storage.path}: has the daemon run yet?", file=sys.stderr)
-        return EXIT_FAIL
-    st = Store(cfg.storage.path)
+    st = _open_store(cfg)
     try:
         doc = status.build(st, cfg, time.time())
     finally:
@@ -95,9 +91,65 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from monitor import simulate
+def _open_store(cfg: Config) -> Store:
+    if not Path(cfg.storage.path).exists():
+        raise FileNotFoundError(f"no store at {cfg.storage.path}: has the daemon run yet?")
+    return Store(cfg.storage.path)
 
+
+def cmd_report(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        return report.run(cfg, args.period, args.format, args.out)
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_orders(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    st = _open_store(cfg)
+    try:
+        if args.orders_cmd == "resume":
+            now = time.time()
+            actions = Actions(cfg, None, lambda conn, ev: events.emit(conn, cfg, ev, now))
+            try:
+                with transaction(st.conn):
+                    order = actions.resume(st.conn, args.scope, now, actor=args.actor,
+                                           reason=args.reason)
+            except (ActionsError, ValueError) as exc:
+                print(f"orders resume: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            print(f"resume order {order.order_id} for {args.scope} recorded "
+                  f"({', '.join(order.meters) or 'no meters'}); the running daemon publishes it")
+            return EXIT_OK
+        rows = Actions.list_orders(st.conn, args.limit)
+    finally:
+        st.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no orders")
+    for o in rows:
+        print(f"{o['issued_at']}  {o['order_id']}  {o['action']:<8} {o['scope']:<18} "
+              f"{o['state']:<10} rule={o['rule'] or '-'} by={o['actor']}"
+              f"{' DRY-RUN' if o.get('dry_run') else ''}  meters={','.join(o['meters'])}")
+    return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    st = _open_store(cfg)
+    try:
+        result = audit.verify(st.conn)
+    finally:
+        st.close()
+    print(str(result), file=sys.stdout if result.ok else sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAIL
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.run(args)
 
 
@@ -119,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("status", help="period totals, rules, meters"))
     sp.add_argument("--json", action="store_true", help="machine-readable (SPEC status JSON)")
     sp.set_defaults(func=cmd_status)
-    from monitor import simulate
+    sp = with_config(sub.add_parser("report", help="compliance report of one calendar month"))
+    sp.add_argument("--period", required=True, help="YYYY-MM, in the site's time zone")
+    sp.add_argument("--format", choices=["csv", "json", "html"], default="json")
+    sp.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
+    sp.set_defaults(func=cmd_report)
+
+    sp = with_config(sub.add_parser("orders", help="orders issued and their outcome; resume"))
+    osub = sp.add_subparsers(dest="orders_cmd")
+    ol = with_config(osub.add_parser("list", help="recent orders (default)"))
+    ol.add_argument("--limit", type=int, default=50)
+    ol.add_argument("--json", action="store_true")
+    orr = with_config(osub.add_parser("resume", help="resume SCOPE (site, group:NAME, meter:ID)"))
+    orr.add_argument("scope")
+    orr.add_argument("--actor", default=os.environ.get("SUDO_USER") or os.environ.get(
+        "USER") or "operator", help="who resumes (recorded in the audit log)")
+    orr.add_argument("--reason", default="", help="why (recorded in the audit log)")
+    sp.set_defaults(func=cmd_orders, orders_cmd="list", limit=50, json=False)
+
+    sp = with_config(sub.add_parser("audit", help="the tamper-evident audit log"))
+    asub = sp.add_subparsers(dest="audit_cmd", required=True)
+    with_config(asub.add_parser("verify", help="verify the hash chain; exit 1 if broken"))
+    sp.set_defaults(func=cmd_audit)
 
     sp = sub.add_parser("simulate", help="publish a simulated fleet of meters")
     simulate.add_arguments(sp)
@@ -143,5 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
+    except FileNotFoundError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL

@@ -18,13 +18,19 @@ from monitor.config import Config
 from monitor.exporter import event_line
 
 
-def emit(conn: sqlite3.Connection, config: Config, event: Mapping[str, Any], now: float) -> str:
-    """Record ``event`` (SPEC webhook body fields; ``site``/``event_id``/``at`` filled in)."""
+def emit(conn: sqlite3.Connection, config: Config, event: Mapping[str, Any], now: float,
+         *, deliver: bool = True) -> str:
+    """Record ``event`` (SPEC webhook body fields; ``site``/``event_id``/``at`` filled in).
+
+    ``deliver=False`` records it (events table, audit, InfluxDB annotation) without
+    queueing it for the webhooks: a rule whose ``on_warn``/``on_breach`` lacks
+    ``alert`` still leaves a trace, but does not page anyone.
+    """
     body = dict(event)
     body.setdefault("event_id", str(uuid.uuid4()))
     body.setdefault("site", config.site.id)
     body.setdefault("at", now)
-    event_id = webhooks.enqueue(conn, body, config.webhooks, now)
+    event_id = webhooks.enqueue(conn, body, config.webhooks if deliver else (), now)
     audit_body = {k: v for k, v in body.items() if k != "at"}
     at = body["at"] if isinstance(body["at"], int | float) else now
     audit.append(conn, "event", audit_body, float(at))

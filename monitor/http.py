@@ -92,7 +92,7 @@ def render_page(status: dict[str, Any], reasons: list[str]) -> bytes:
     rows = "".join(
         f"<tr class='{e(m['state'])}'><td>{e(m['id'])}</td><td>{e(m['group'] or '')}</td>"
         f"<td>{e(m['format'] or '')}</td><td>{e(m['state'])}</td>"
-        f"<td class='n'>{'' if m['power_w'] is None else f'{m['power_w']:.0f}'}</td>"
+        f"<td class='n'>{_num(m['power_w'], 0)}</td>"
         f"<td class='n'>{m['period_kwh']:.3f}</td><td>{e(m['last_seen'] or 'never')}</td></tr>"
         for m in status["meters"]
     )
@@ -124,6 +124,9 @@ power now {t['power_w'] / 1000:.2f} kW &middot; dead letters {status.get('dead_l
     return page.encode()
 
 
-def _num(v: object) -> str:
-    return "" if v is None else f"{float(v):.2f}" if isinstance(v, int | float) else html.escape(
-        str(v))
+def _num(v: object, digits: int = 2) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, int | float):
+        return f"{float(v):.{digits}f}"
+    return html.escape(str(v))

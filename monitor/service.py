@@ -17,17 +17,45 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from monitor import events
 from monitor import status as status_mod
+from monitor.actions import Actions
+from monitor.checks import Checker
 from monitor.config import Config, CurtailmentRule
+from monitor.exporter import Backlog, Exporter
+from monitor.http import HttpServer
 from monitor.intake import Intake
 from monitor.metrics import Metrics
 from monitor.mqtt import MqttLink
 from monitor.scheduler import Scheduler
 from monitor.store import Store
+from monitor.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
 BACKLOG_TOO_OLD_S = 300.0
+ORDERS_TICK_S = 2.0
+WEBHOOK_TICK_S = 2.0
+
+
+class _ExportMetrics:
+    """Adapts the exporter's metric hooks to the daemon's Prometheus metrics."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def written(self, lines: int, seconds: float) -> None:
+        self.m.exported.inc(lines)
+
+    def failed(self, kind: str) -> None:
+        self.m.export_errors.labels(kind).inc()
+
+    def dead_lettered(self, lines: int) -> None:
+        self.m.export_errors.labels("dead_letter").inc(lines)
+
+    def backlog(self, backlog: Backlog) -> None:
+        self.m.outbox_backlog.labels("influxdb").set(backlog.rows)
+        self.m.outbox_oldest.labels("influxdb").set(backlog.age_s or 0.0)
 
 
 class Service:
@@ -43,7 +71,11 @@ class Service:
         self.intake: Intake | None = None
         self.worker: threading.Thread | None = None
         self.mqtt: MqttLink | None = None
-        self.http: Any = None
+        self.http: HttpServer | None = None
+        self.actions: Actions | None = None
+        self.checker: Checker | None = None
+        self.exporter: Exporter | None = None
+        self.sender: WebhookSender | None = None
         self.scheduler = Scheduler(config.site.tz, self.metrics, config.schedule.misfire_grace_s)
         self._readers = threading.local()
 
@@ -60,8 +92,7 @@ class Service:
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = [(s.topic, self.config.mqtt.qos) for s in self.config.sources]
         subs += [(r.topic, 1) for r in self.config.rules if isinstance(r, CurtailmentRule)]
-        seen: set[str] = set()
-        return [s for s in subs if not (s[0] in seen or seen.add(s[0]))]  # type: ignore[func-returns-value]
+        return list(dict(subs).items())  # one subscription per filter
 
     def health(self) -> list[str]:
         reasons: list[str] = []
@@ -72,6 +103,8 @@ class Service:
             reasons.append("store: last commit failed (readings are held, not acknowledged)")
         if self.worker is None or not self.worker.is_alive():
             reasons.append("intake: worker not running")
+        if self.exporter is not None:
+            reasons += [f"influxdb: {r}" for r in self.exporter.health.reasons]
         depth = self.queue.qsize()
         last = self.metrics.last_commit._value.get()
         if depth and last and self.clock() - last > BACKLOG_TOO_OLD_S:
@@ -94,11 +127,23 @@ class Service:
         self.worker.start()
         self.scheduler.every("housekeeping", cfg.schedule.housekeeping_interval_s,
                              self._housekeeping)
+        self.actions = Actions(
+            cfg, self.mqtt.publish, lambda conn, ev: events.emit(conn, cfg, ev, self.clock()),
+            clock=self.clock, connected=self.mqtt.connected.is_set)
+        self.checker = Checker(cfg, self.metrics, self.actions)
+        self.scheduler.every("check", cfg.schedule.check_interval_s, self._check)
+        self.scheduler.every("orders", ORDERS_TICK_S, self._orders)
+        self.sender = WebhookSender(cfg.webhooks, cfg.storage.path,
+                                    on_outcome=lambda o: self.metrics.webhook.labels(o).inc())
+        self.scheduler.every("webhooks", WEBHOOK_TICK_S, self._webhooks)
+        if cfg.influxdb is not None:
+            self.exporter = Exporter(cfg.influxdb, cfg.site.id, cfg.storage.path,
+                                     metrics=_ExportMetrics(self.metrics),
+                                     on_auth_failure=self._export_refused)
+            self.scheduler.every("export", cfg.influxdb.flush_interval_s, self._export)
         self.scheduler.every("meter-freshness", 15.0, self._freshness)
         self.scheduler.start()
         if cfg.http.enabled:
-            from monitor.http import HttpServer
-
             self.http = HttpServer(cfg.http.host, cfg.http.port, health=self.health,
                                    metrics=self.metrics.render, status=self.status)
             self.http.start()
@@ -117,6 +162,7 @@ class Service:
                 self.intake.abort()
                 self.worker.join(5)
         self.scheduler.shutdown()
+        self._final_flush()
         if self.mqtt is not None:
             self.mqtt.close()
         if self.http is not None:
@@ -125,7 +171,46 @@ class Service:
             self.store.close()
         log.info("energy-monitor stopped")
 
+    def _final_flush(self) -> None:
+        """One last export and webhook round, bounded, so a clean stop leaves little behind."""
+        for name, fn in (("export", self._export), ("webhooks", self._webhooks),
+                         ("orders", self._orders)):
+            try:
+                fn()
+            except Exception:
+                log.exception("final %s flush failed; it resumes at the next start", name)
+        if self.exporter is not None:
+            self.exporter.close()
+
     # ------------------------------------------------------------------ jobs
+
+    def _check(self) -> None:
+        assert self.checker is not None
+        self.checker.run(self.reader(), self.clock())
+
+    def _orders(self) -> None:
+        assert self.actions is not None
+        self.actions.tick(self.reader().conn, self.clock())
+
+    def _webhooks(self) -> None:
+        assert self.sender is not None
+        self.sender.deliver_due(self.clock())
+        bl = self.sender.backlog(self.clock())
+        self.metrics.outbox_backlog.labels("webhooks").set(bl.pending)
+        self.metrics.outbox_oldest.labels("webhooks").set(bl.oldest_age_s or 0.0)
+
+    def _export(self) -> None:
+        if self.exporter is not None:
+            self.exporter.flush()
+
+    def _export_refused(self, reason: str) -> None:
+        """InfluxDB said 401/403: tell the operator through the webhooks (once per cause)."""
+        st = self.reader()
+        with st.transaction() as conn:
+            events.emit(conn, self.config, {
+                "kind": "alert.firing", "severity": "critical", "rule": "influxdb-export",
+                "scope": "site", "message": f"InfluxDB refused our writes: {reason}",
+            }, self.clock())
 
     def _housekeeping(self) -> None:
         res = self.reader().housekeeping(self.clock(), self.config.storage.raw_retention_days)
