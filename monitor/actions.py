@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from monitor import audit
 from monitor.config import Config, ControlConfig, MeterConfig
+from monitor.metrics import Metrics
 from monitor.mqtt import MqttError, orders_topic
 from monitor.rules import Verdict
 
@@ -319,7 +320,8 @@ class Actions:
     ``webhooks.enqueue``) inside the caller's transaction.  Order changes are also
     written to the audit log here (``audit_append``), so ``emit`` need not.
     ``connected()``, when given, gates publishing: while it is False nothing is
-    handed to the client (paho would queue duplicates in memory).
+    handed to the client (paho would queue duplicates in memory).  ``metrics``,
+    when given, counts outcomes in ``energy_monitor_orders{action, outcome}``.
     """
 
     def __init__(
@@ -332,6 +334,7 @@ class Actions:
         new_id: Callable[[float], str] | None = None,
         audit_append: AuditAppend = audit.append,
         connected: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         retry_s: float = PUBLISH_RETRY_S,
     ) -> None:
@@ -343,12 +346,17 @@ class Actions:
         self.new_id = new_id or UlidFactory()
         self.audit_append = audit_append
         self.connected = connected
+        self.metrics = metrics
         self.ack_timeout_s = ack_timeout_s
         self.retry_s = retry_s
         self.site = config.site.id
         self.topic = orders_topic(config.site.id)
         self._meters: dict[str, MeterConfig] = {m.id: m for m in config.meters}
         self._publish_lock = threading.Lock()
+
+    def _count(self, action: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.orders.labels(action, outcome).inc()
 
     @property
     def dry_run(self) -> bool:
@@ -578,6 +586,7 @@ class Actions:
             message = f"[dry run, not sent] {message}"
         severity = "warning" if off else "info"
         self._event(conn, order, "order.issued", severity, message=message, at=now)
+        self._count(action, "dry_run" if dry else "issued")
         log.log(logging.WARNING if off else logging.INFO, "order %s: %s", order.order_id, message)
         return order
 
@@ -614,6 +623,7 @@ class Actions:
         self._event(conn, order, "order.failed",
                     "critical" if action in OFF_ACTIONS else "warning", message=message, at=now)
         log.error("order %s: %s", order.order_id, message)
+        self._count(action, "refused")
         return order
 
     def _insert(self, conn: sqlite3.Connection, o: Order) -> None:
@@ -787,9 +797,13 @@ class Actions:
         The daemon publishes it (:meth:`publish_pending`) if this process cannot.
         """
         self._require_transaction(conn, "resume()")
-        result = self.order(conn, "resume", scope, "", reason or f"resumed by {actor}", now,
-                            actor=actor)
-        if result is None:  # pragma: no cover - non-daemon orders are never de-duplicated
+        text = reason or f"resumed by {actor}"
+        blocked = self._blocked(conn, "", "", self.resolve(scope, conn))
+        if blocked:
+            text += "; overriding rules still in breach: " + ", ".join(
+                f"{m} ({r})" for m, r in blocked.items())
+        result = self.order(conn, "resume", scope, "", text, now, actor=actor)
+        if result is None:  # cannot happen: non-daemon orders are never de-duplicated
             raise ActionsError(f"resume of {scope} was not recorded")
         return result
 
@@ -829,6 +843,7 @@ class Actions:
                     self._set(conn, o, now, state=SUPERSEDED, publish_due=None)
                     self.audit_append(conn, "order.superseded", self._audit_body(o), now)
                     progress.superseded.append(o.order_id)
+                    self._count(o.action, "superseded")
                 continue
             if not o.meters:
                 continue  # nothing to measure: an order for a site whose meters are unknown
@@ -866,6 +881,7 @@ class Actions:
             self._event(conn, o, "order.confirmed", "info", message=message, at=now, meters=mine)
             log.info("order %s: %s", o.order_id, message)
             progress.confirmed.append(o.order_id)
+            self._count(o.action, "confirmed")
             return
         if o.state == FAILED:
             return
@@ -882,6 +898,7 @@ class Actions:
                         o.order_id, o.action, o.scope, resends, self.cfg.max_resends,
                         "; ".join(problems))
             progress.resent.append(o.order_id)
+            self._count(o.action, "resent")
             return
         self._set(conn, o, now, state=FAILED)
         self.audit_append(conn, "order.failed", self._audit_body(
@@ -894,6 +911,7 @@ class Actions:
         self._event(conn, o, "order.failed", "critical", message=message, at=now, meters=mine)
         log.error("order %s: %s", o.order_id, message)
         progress.failed.append(o.order_id)
+        self._count(o.action, "failed")
 
     def _watch(self, conn: sqlite3.Connection, o: Order, mine: Sequence[str], *,
                power: Mapping[str, MeterPower], now: float, progress: Progress) -> None:
@@ -911,7 +929,9 @@ class Actions:
         reported += [m for m, _ in fresh]
         self._set(conn, o, now, data={**o.data, "violations": reported})
         for m, watts in fresh:
-            message = (f"meter {m} draws {watts:.0f} W after confirmed {o.action} "
+            what = ("shutdown" if o.action == "shutdown"
+                    else f"switch-off (limit of {o.scope} to {o.target_kw:g} kW)")
+            message = (f"meter {m} draws {watts:.0f} W after confirmed {what} "
                        f"(order {o.order_id}, {o.scope}, rule {o.rule or o.actor})")
             self.audit_append(conn, "order.violation", self._audit_body(
                 o, meter=m, power_w=watts), now)
@@ -934,6 +954,7 @@ class Actions:
                    f"{above:g} W again, {now - o.issued_at:.0f} s after the order")
         self._event(conn, o, "order.confirmed", "info", message=message, at=now, meters=mine)
         progress.confirmed.append(o.order_id)
+        self._count(o.action, "confirmed")
 
     def _set(self, conn: sqlite3.Connection, o: Order, now: float, *, state: str | None = None,
              resends: int | None = None, deadline: float | None = None,

@@ -12,6 +12,7 @@ import pytest
 
 from monitor.actions import Actions, ActionsError, UlidFactory, device_command, transaction
 from monitor.config import ControlConfig
+from monitor.metrics import Metrics
 from monitor.mqtt import MqttError
 from monitor.store import Store
 from tests.test_actions import (
@@ -265,3 +266,33 @@ def test_list_orders_newest_first_with_the_cli_fields(make: Make) -> None:
     assert act.list_orders(st.conn, 1) == listed[:1]
     [refused] = events(st.conn, "order.failed")
     assert refused["severity"] == "warning"  # a refused resume leaves the load off: not critical
+
+
+def test_outcomes_are_counted_in_metrics(make: Make) -> None:
+    act, st, _, clock = make(max_orders_per_hour=1, confirm_within_s=10, max_resends=1)
+    metrics = Metrics()
+    counted = Actions(act.config, Recorder(), make_emit(act.config, clock), clock=clock,
+                      metrics=metrics)
+    with transaction(st.conn):
+        counted.order(st.conn, "shutdown", "meter:rack-01", "cap", "r", T0)
+        counted.order(st.conn, "resume", "meter:rack-01", "cap", "r", T0 + 1)
+        counted.verify(st.conn, T0 + 10)
+        counted.verify(st.conn, T0 + 20)
+
+    def n(action: str, outcome: str) -> float:
+        return float(metrics.orders.labels(action, outcome)._value.get())
+
+    assert (n("shutdown", "issued"), n("resume", "refused")) == (1, 1)
+    assert (n("shutdown", "resent"), n("shutdown", "failed")) == (1, 1)
+
+
+def test_an_operator_resume_says_which_rules_it_overrides(make: Make) -> None:
+    act, st, _, _ = make()
+    with transaction(st.conn):
+        st.conn.execute("INSERT INTO alert_state (rule, scope, state) VALUES"
+                        " ('monthly-cap', 'group:hall-a', 'breach')")
+        op = act.resume(st.conn, "site", T0)
+    assert "overriding rules still in breach: rack-01 (monthly-cap), rack-02 (monthly-cap)" in (
+        op.reason)
+    [ev] = events(st.conn, "order.issued")
+    assert "overriding" in ev["message"] and ev["severity"] == "info"
