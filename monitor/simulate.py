@@ -275,11 +275,14 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string of plain ASCII is a valid TOML basic string
 
 
-def config_snippet(fleet: Fleet) -> str:
+def config_snippet(fleet: Fleet, *, rated_kw: bool = True) -> str:
     """The ``[[sources]]`` and ``[[meters]]`` TOML that make the daemon read ``fleet``.
 
     Meters with a device command get a ``control``; the others (json, esphome,
-    emonhub, mbmd) can only be switched through the orders topic.
+    emonhub, mbmd) can only be switched through the orders topic.  With
+    ``rated_kw=False`` the ratings are left out: the daemon's plausibility bound
+    (``rated_kw`` x elapsed receipt time) would reject the counter increments of
+    receipt-stamped formats in a time-compressed run.
     """
     out = [f"# simulated fleet: {len(fleet.meters)} meters of site {fleet.site!r}, "
            f"formats {', '.join(fleet.formats)} (energy-monitor simulate, seed {fleet.seed})", ""]
@@ -289,7 +292,9 @@ def config_snippet(fleet: Fleet) -> str:
         device = (_toml_str(m.devices[0]) if len(m.devices) == 1
                   else "[" + ", ".join(_toml_str(d) for d in m.devices) + "]")
         out += ["[[meters]]", f"id = {_toml_str(m.id)}", f"device = {device}",
-                f"group = {_toml_str(m.group)}", f"rated_kw = {m.rated_kw}"]
+                f"group = {_toml_str(m.group)}"]
+        if rated_kw:
+            out.append(f"rated_kw = {m.rated_kw}")
         if m.control is not None:
             out.append(f"control = {{ kind = {_toml_str(m.control.kind)}, "
                        f"topic = {_toml_str(m.control.topic)} }}")
@@ -306,7 +311,7 @@ class SimOptions:
 
     duration_s: float | None = None  # simulated; None = until stopped
     speed: float = 1.0  # simulated seconds per real second; 0 = as fast as possible
-    start: float | None = None  # simulated start, Unix seconds; None = now (whole second)
+    start: float | None = None  # simulated start, Unix seconds; None: see default_start()
     reboot_prob: float = 0.0
     dup_prob: float = 0.0
     garbage_prob: float = 0.0
@@ -407,6 +412,16 @@ class Truth:
             f"energy: observable {t['observable_kwh']:.3f} kWh (counters), "
             f"{t['power_kwh']:.3f} kWh (power), true {t['true_kwh']:.3f} kWh"
         )
+
+
+def default_start(options: SimOptions, now: float | None = None) -> float:
+    """Now (whole second); for ``speed 0`` now minus the duration, so that the
+    device timestamps of an as-fast-as-possible run end now instead of lying
+    hours in the future."""
+    now_s = float(int(time.time() if now is None else now))
+    if options.speed == 0 and options.duration_s is not None:
+        return now_s - math.ceil(options.duration_s)
+    return now_s
 
 
 def _rfc3339(ts: float) -> str:
@@ -664,7 +679,7 @@ class _Meter:
         self.dec = _POWER_DECIMALS[self.fmt]
         self.pdiv = 10**self.dec
         self.upk = _UNITS_PER_KWH[self.fmt]
-        self.rated_w = spec.rated_kw * 1000.0
+        self.rated_w = round(spec.rated_kw * 1000.0, 6)
         self.v_base = 2300 + zlib.crc32(spec.id.encode()) % 61 - 30  # decivolts, per meter
         self.counter_kwh = spec.initial_units / self.upk
         self.pub_units = spec.initial_units
@@ -881,7 +896,7 @@ class Simulator:
         """Publish until the duration ends or ``stop`` is set; return the truth."""
         opts = self.options
         stop = stop or threading.Event()
-        start_s = opts.start if opts.start is not None else float(int(time.time()))
+        start_s = opts.start if opts.start is not None else default_start(opts)
         start_ms = round(start_s * 1000)
         end_ms = None if opts.duration_s is None else start_ms + round(opts.duration_s * 1000)
         interval_ms = self.interval_ms
@@ -1256,7 +1271,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="simulated seconds per real second; 0 = as fast as the broker "
                         "takes (needs --duration-s) (default 1)")
     t.add_argument("--start", type=parse_start, default=None,
-                   help="simulated start: 'now' (default), Unix seconds or RFC 3339")
+                   help="simulated start: 'now', Unix seconds or RFC 3339 (default: now; "
+                        "with --speed 0, now minus the duration)")
 
     f = p.add_argument_group("faults")
     f.add_argument("--reboot-prob", type=_probability, default=0.0,
@@ -1291,6 +1307,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the daemon's [[sources]]/[[meters]] TOML for this fleet to FILE")
     m.add_argument("--print-config", action="store_true",
                    help="print that TOML to stdout and exit without publishing")
+    m.add_argument("--config-no-rated-kw", dest="config_rated_kw", action="store_false",
+                   help="leave rated_kw out of that TOML (for time-compressed runs of "
+                        "receipt-stamped formats, see docs/simulate.md)")
 
 
 def fleet_from_args(args: argparse.Namespace) -> Fleet:
@@ -1319,7 +1338,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: {exc}", file=sys.stderr)
         return EX_USAGE
     if args.print_config:
-        sys.stdout.write(config_snippet(fleet))
+        sys.stdout.write(config_snippet(fleet, rated_kw=args.config_rated_kw))
         return EX_OK
     password = None
     if args.password_file is not None:
@@ -1329,7 +1348,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"simulate: cannot read --password-file: {exc}", file=sys.stderr)
             return EX_USAGE
     if args.config_out is not None:
-        args.config_out.write_text(config_snippet(fleet), encoding="utf-8")
+        args.config_out.write_text(config_snippet(fleet, rated_kw=args.config_rated_kw),
+                                   encoding="utf-8")
 
     stop = threading.Event()
     previous: dict[signal.Signals, Any] = {}
