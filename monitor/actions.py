@@ -194,9 +194,10 @@ class Order:
         return body
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, for ``energy-monitor orders list``."""
+        """JSON-ready, for ``energy-monitor orders list`` (``id`` and ``order_id`` are the same)."""
         return {
             "id": self.order_id,
+            "order_id": self.order_id,
             "action": self.action,
             "scope": self.scope,
             "meters": list(self.meters),

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from monitor import cli
 from monitor.actions import Actions, ActionsError, UlidFactory, device_command, transaction
 from monitor.config import ControlConfig
 from monitor.metrics import Metrics
@@ -296,3 +297,31 @@ def test_an_operator_resume_says_which_rules_it_overrides(make: Make) -> None:
         op.reason)
     [ev] = events(st.conn, "order.issued")
     assert "overriding" in ev["message"] and ev["severity"] == "info"
+
+
+def test_cli_orders_resume_then_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "monitor.db"
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        '[site]\nid = "irk-01"\n\n[[sources]]\ntopic = "tele/+/SENSOR"\nformat = "tasmota"\n\n'
+        '[[meters]]\nid = "rack-01"\ndevice = "tasmota/pow1"\ngroup = "hall-a"\n'
+        'control = { kind = "tasmota", topic = "cmnd/pow1/POWER" }\n\n'
+        f'[storage]\npath = "{db}"\n')
+    Store(db).close()
+    assert cli.main(["orders", "resume", "group:hall-a", "--config", str(conf),
+                     "--actor", "ivan", "--reason", "cap reset"]) == 0
+    assert cli.main(["orders", "list", "--config", str(conf)]) == 0
+    out = capsys.readouterr().out
+    assert "resume" in out and "group:hall-a" in out and "by=ivan" in out
+    assert cli.main(["orders", "list", "--json", "--config", str(conf)]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["action"], row["actor"], row["meters"], row["state"]) == (
+        "resume", "ivan", ["rack-01"], "sent")
+    assert row["id"] == row["order_id"]
+    st = Store(db)
+    try:
+        assert [k for (k,) in st.conn.execute("SELECT kind FROM audit ORDER BY seq")
+                if k.startswith(("order", "operator"))] == ["operator.resume"]
+        assert st.conn.execute("SELECT publish_due IS NOT NULL FROM orders").fetchone() == (1,)
+    finally:
+        st.close()
