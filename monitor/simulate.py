@@ -57,6 +57,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from monitor.config import FORMATS
 
+__all__ = [
+    "DEFAULT_RATED_KW", "EX_FAIL", "EX_OK", "EX_USAGE", "FORMATS", "MAX_GAP_READINGS",
+    "Control", "Fleet", "MemorySink", "MeterSpec", "MeterTruth", "MqttSink", "SimOptions",
+    "Simulator", "SimulatorError", "Sink", "Truth", "add_arguments", "config_snippet",
+    "default_start", "fleet_from_args", "options_from_args", "orders_topic", "parse_formats",
+    "parse_start", "run", "simulate", "write_truth",
+]
+
 log = logging.getLogger(__name__)
 
 EX_OK, EX_FAIL, EX_USAGE = 0, 1, 2
@@ -924,7 +932,10 @@ class Simulator:
                             break
                         self._wake.wait(min(delay, 0.2))  # re-check `stop` often
                         self._wake.clear()
-                        self._drain()
+                        if self._inbox:
+                            self.now_ms = round(
+                                start_ms + (time.monotonic() - real0) * 1000.0 * speed)
+                            self._drain()
                 if stop.is_set():
                     stopped = interrupted = True
                     break
