@@ -34,6 +34,7 @@ from monitor.webhooks import WebhookSender
 log = logging.getLogger(__name__)
 
 BACKLOG_TOO_OLD_S = 300.0
+EXPORT_BACKLOG_TOO_OLD_S = 3600.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
 
@@ -129,7 +130,7 @@ class Service:
                              self._housekeeping)
         self.actions = Actions(
             cfg, self.mqtt.publish, lambda conn, ev: events.emit(conn, cfg, ev, self.clock()),
-            clock=self.clock, connected=self.mqtt.connected.is_set)
+            clock=self.clock, connected=self.mqtt.connected.is_set, metrics=self.metrics)
         self.checker = Checker(cfg, self.metrics, self.actions)
         self.scheduler.every("check", cfg.schedule.check_interval_s, self._check)
         self.scheduler.every("orders", ORDERS_TICK_S, self._orders)
@@ -139,7 +140,8 @@ class Service:
         if cfg.influxdb is not None:
             self.exporter = Exporter(cfg.influxdb, cfg.site.id, cfg.storage.path,
                                      metrics=_ExportMetrics(self.metrics),
-                                     on_auth_failure=self._export_refused)
+                                     on_auth_failure=self._export_refused,
+                                     max_backlog_age_s=EXPORT_BACKLOG_TOO_OLD_S)
             self.scheduler.every("export", cfg.influxdb.flush_interval_s, self._export)
         self.scheduler.every("meter-freshness", 15.0, self._freshness)
         self.scheduler.start()
@@ -173,8 +175,9 @@ class Service:
 
     def _final_flush(self) -> None:
         """One last export and webhook round, bounded, so a clean stop leaves little behind."""
-        for name, fn in (("export", self._export), ("webhooks", self._webhooks),
-                         ("orders", self._orders)):
+        jobs: list[tuple[str, Callable[[], None]]] = [
+            ("export", self._final_export), ("webhooks", self._webhooks), ("orders", self._orders)]
+        for name, fn in jobs:
             try:
                 fn()
             except Exception:
@@ -199,9 +202,12 @@ class Service:
         self.metrics.outbox_backlog.labels("webhooks").set(bl.pending)
         self.metrics.outbox_oldest.labels("webhooks").set(bl.oldest_age_s or 0.0)
 
-    def _export(self) -> None:
+    def _final_export(self) -> None:
+        self._export(final=True)
+
+    def _export(self, final: bool = False) -> None:
         if self.exporter is not None:
-            self.exporter.flush()
+            self.exporter.flush(max_batches=50 if final else 10, ignore_backoff=final)
 
     def _export_refused(self, reason: str) -> None:
         """InfluxDB said 401/403: tell the operator through the webhooks (once per cause)."""
@@ -213,7 +219,11 @@ class Service:
             }, self.clock())
 
     def _housekeeping(self) -> None:
-        res = self.reader().housekeeping(self.clock(), self.config.storage.raw_retention_days)
+        st = self.reader()
+        keep_from = None
+        if self.config.influxdb is not None:  # never delete what InfluxDB has not got yet
+            keep_from = int(st.kv_get("export.readings", "0") or 0)
+        res = st.housekeeping(self.clock(), self.config.storage.raw_retention_days, keep_from)
         log.info("housekeeping: %s", res)
 
     def _freshness(self) -> None:
