@@ -71,7 +71,7 @@ class MeterParams:
 
 @dataclass(frozen=True, slots=True)
 class Increment:
-    """``kwh`` consumed evenly over ``[start_ts, end_ts]`` (``start_ts == end_ts`` is an instant)."""
+    """``kwh`` consumed evenly over ``[start_ts, end_ts]`` (equal ends: an instant)."""
 
     start_ts: float
     end_ts: float
@@ -204,8 +204,8 @@ def split_buckets(start_ts: float, end_ts: float, kwh: float,
     if end_ts <= start_ts:
         yield int(end_ts // bucket_s) * bucket_s, kwh
         return
-    first = int(math.floor(start_ts / bucket_s)) * bucket_s
-    last = int(math.floor(end_ts / bucket_s)) * bucket_s
+    first = math.floor(start_ts / bucket_s) * bucket_s
+    last = math.floor(end_ts / bucket_s) * bucket_s
     if end_ts == last and last > first:
         last -= bucket_s  # an increment ending exactly on an edge belongs to the earlier bucket
     if first == last:

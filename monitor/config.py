@@ -32,9 +32,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from monitor.parsers import make_parser
 
 FORMATS = (
     "json",
@@ -131,6 +134,15 @@ class SourceConfig(_Model):
     format: Format
     # Format-specific hints, e.g. esphome units: {energy_unit = "Wh", power_unit = "kW"}
     options: dict[str, str | float | int | bool] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, str | float | int | bool],
+                 info: ValidationInfo) -> dict[str, str | float | int | bool]:
+        fmt = info.data.get("format")
+        if fmt is not None:
+            make_parser(fmt, v)  # raises ValueError naming the option
+        return v
 
     @field_validator("topic")
     @classmethod
@@ -393,7 +405,7 @@ class HttpConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT")
         return v
@@ -409,17 +421,17 @@ class HttpConfig(_Model):
 
 class Config(_Model):
     site: SiteConfig
-    mqtt: MqttConfig = Field(default_factory=lambda: MqttConfig())
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     sources: list[SourceConfig] = Field(default_factory=list)
-    intake: IntakeConfig = Field(default_factory=lambda: IntakeConfig())
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
     meters: list[MeterConfig] = Field(default_factory=list)
-    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     influxdb: InfluxConfig | None = None
-    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig())
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     rules: list[Rule] = Field(default_factory=list)
-    actions: ActionsConfig = Field(default_factory=lambda: ActionsConfig())
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
     webhooks: list[WebhookConfig] = Field(default_factory=list)
-    http: HttpConfig = Field(default_factory=lambda: HttpConfig())
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

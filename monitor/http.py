@@ -35,7 +35,7 @@ class HttpServer:
         class Handler(BaseHTTPRequestHandler):
             server_version = "energy-monitor"
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http: " + format, *args)
 
             def _send(self, code: int, body: bytes, ctype: str) -> None:

@@ -135,7 +135,8 @@ class MqttLink:
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker re-delivers it to our next session
-        msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain), bool(m.dup), m.mid)
+        msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain),
+                      bool(m.dup), m.mid)
         self.metrics.messages_received.inc()
         if m.qos == 0:
             try:

@@ -29,7 +29,8 @@ class StoreError(Exception):
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply pending migrations; returns the schema version now in force."""
     conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at REAL)"
     )
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
     version = max(done, default=0)

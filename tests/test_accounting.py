@@ -60,7 +60,8 @@ def test_implausible_increment_is_quarantined_not_counted() -> None:
     params = MeterParams(rated_kw=3.5, max_gap_s=900)
     s = MeterState()
     out = [accounting.apply(s, r, params)
-           for r in [counter(0, 10.0), counter(60, 10.05), counter(120, 510.0), counter(180, 510.05)]]
+           for r in [counter(0, 10.0), counter(60, 10.05), counter(120, 510.0),
+                     counter(180, 510.05)]]
     assert [o.delta_kwh for o in out] == pytest.approx([0, 0.05, 0, 0.05])
     assert out[2].anomalies[0].kind == "quarantine"
 

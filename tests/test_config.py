@@ -49,11 +49,13 @@ def test_minimal_config_has_safe_defaults(tmp_path: Path) -> None:
         ('[site]\nid = "s"\ntimezone = "Asia/Nowhere"\n', "site.timezone: unknown IANA"),
         ('[site]\nid = "s"\ncolour = "red"\n', "site.colour: unknown key"),
         ('[site]\nid = "s"\n[mqtt]\nport = 70000\n', "mqtt.port:"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "energy_cap"\n', "rules[0].limit_kwh: required"),
+        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "energy_cap"\n',
+         "rules[0].limit_kwh: required"),
         ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "energy_cap"\nlimit_kwh = 5\n'
          'warn_at = [1.5]\n', "rules[0].warn_at: every level must be a fraction"),
         ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "teleport"\n', "rules[0]"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "ban_window"\n', "needs 'dates' or 'yearly'"),
+        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "ban_window"\n',
+         "needs 'dates' or 'yearly'"),
         ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "ban_window"\n'
          'yearly = {start = "02-30", end = "03-01"}\n', "rules[0].yearly.start: 02-30"),
         ('[site]\nid = "s"\n[[webhooks]]\nurl = "ftp://x"\n', "webhooks[0].url:"),
@@ -106,7 +108,8 @@ check_interval_s = 10
     assert c.schedule.check_interval_s == 10
 
 
-def test_secrets_from_files_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secrets_from_files_and_environment(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
     monkeypatch.setenv("MQTT_USER", "monitor")
     c = load_text(tmp_path, MINIMAL + '[mqtt]\nusername = "${MQTT_USER}"\npassword_file = "pw"\n')
@@ -141,12 +144,12 @@ def test_python_dash_m_is_the_same_cli(tmp_path: Path) -> None:
     assert "site.id: required key is missing" in out.stderr
 
 
-def test_repository_config_and_every_profile_load() -> None:
+def test_repository_config_and_every_profile_load(tmp_path: Path) -> None:
     c = config.load(ROOT / "config.toml")
     assert c.sources and c.meters and c.rules
-    for profile in sorted((ROOT / "deploy" / "profiles").glob("*.toml")):
-        text = f'include = ["{profile}"]\n' + MINIMAL
-        tmp = ROOT / "build" / "profile-test.toml"
-        tmp.parent.mkdir(exist_ok=True)
-        tmp.write_text(text)
-        assert config.load(tmp).rules, profile
+    profiles = sorted((ROOT / "deploy" / "profiles").glob("*.toml"))
+    assert profiles
+    for profile in profiles:
+        site = tmp_path / f"{profile.stem}.toml"
+        site.write_text(f'include = ["{profile}"]\n' + MINIMAL)
+        assert config.load(site).rules, profile

@@ -26,7 +26,8 @@ def _settle(cfg: Path, port: int) -> None:
     """Publish a marker after everything else and wait until the daemon committed it."""
     pub = publisher(port)
     n0 = (query(cfg, "SELECT count(*) FROM readings WHERE meter = 'zz-marker'") or [(0,)])[0][0]
-    pub.publish(MARK, json.dumps({"meter": "zz-marker", "power_w": 1.0}), qos=1).wait_for_publish(10)
+    info = pub.publish(MARK, json.dumps({"meter": "zz-marker", "power_w": 1.0}), qos=1)
+    info.wait_for_publish(10)
     wait_for(lambda: (query(cfg, "SELECT count(*) FROM readings WHERE meter='zz-marker'")
                       or [(0,)])[0][0] > n0, 60, what="marker committed")
     pub.disconnect()
