@@ -308,8 +308,14 @@ def test_timeouts_are_retried(proxy: FaultProxy, vm: VM,
     assert result.error is not None and "timed out" in result.error.lower()
     assert cursor(conn, "export.readings") == 0
     proxy.forward()
-    clock.t += result.retry_in_s
-    assert exporter.flush().ok
+    # the 0.3 s timeout can also trip on a loaded machine while forwarding: what
+    # matters is that a later flush succeeds and nothing is doubled
+    for _ in range(5):
+        clock.t += result.retry_in_s
+        result = exporter.flush()
+        if result.ok:
+            break
+    assert result.ok, result.error
     exporter.close()
     assert_exactly_once(vm, {"rack-07": 12})
 
