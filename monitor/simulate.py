@@ -674,7 +674,7 @@ class _Meter:
 
     __slots__ = (
         "counter_kwh", "day", "dec", "duplicates", "first_ms",
-        "first_p_w", "fmt", "gap_left", "gaps", "garbage", "last_pub_units", "limit_w",
+        "first_p_w", "fmt", "gap_left", "gaps", "garbage", "last_pub_units",
         "messages", "obs_units", "off", "p_units", "p_w", "pdiv", "power_kwh", "pub_units",
         "rated_w", "readings", "reset_min_units", "reset_pending", "resets", "seq", "skipped",
         "spec", "state_changed", "t_ms", "today_kwh", "topics", "total_start", "upk", "v_base",
@@ -708,7 +708,6 @@ class _Meter:
         self.gaps = self.skipped = self.resets = self.seq = 0
         self.gap_left = 0
         self.off = False
-        self.limit_w: float | None = None
         self.state_changed = False
         self.day = -1
         self.today_kwh = 0.0
@@ -828,20 +827,17 @@ class Simulator:
     def _apply(self, topic: str, payload: bytes) -> None:
         text = payload.decode("utf-8", "replace").strip()
         if topic == self._orders_topic:
+            # docs/orders.md: `meters` lists exactly the meters to switch (a limit's
+            # meters are the ones chosen to be shed; its target_kw is informative)
             order = json.loads(text)
             action = order["action"]
-            meters = order.get("meters") or self._scope(str(order.get("scope", "")))
+            if action not in ("shutdown", "limit", "resume"):
+                raise ValueError(f"unknown order action {action!r}")
+            meters = order.get("meters") or []
+            if not meters and action != "limit":  # a site whose meters the daemon does not know
+                meters = self._scope(str(order.get("scope", "")))
             targets = [self._by_id[i] for i in meters if i in self._by_id]
-            if action == "shutdown":
-                self._switch(targets, on=False, via=topic)
-            elif action == "resume":
-                self._switch(targets, on=True, via=topic)
-            elif action == "limit" and targets:
-                per_meter_w = float(order["target_kw"]) * 1000.0 / len(targets)
-                for m in targets:
-                    m.limit_w = max(0.0, per_meter_w)
-                    m.state_changed = True
-                self._log_command(targets, f"limit {per_meter_w:.0f} W", topic)
+            self._switch(targets, on=action == "resume", via=topic)
             return
         meter = self._by_command_topic.get(topic)
         if meter is None:
@@ -888,8 +884,6 @@ class Simulator:
     def _switch(self, targets: list[_Meter], *, on: bool, via: str) -> None:
         for m in targets:
             m.off = not on
-            if on:
-                m.limit_w = None
             m.state_changed = True
         self._log_command(targets, "on" if on else "off", via)
 
@@ -1016,8 +1010,6 @@ class Simulator:
         else:
             f = 0.96 + rng.gauss(0.0, 0.012)
             p_w = m.rated_w * (0.85 if f < 0.85 else 1.0 if f > 1.0 else f)
-            if m.limit_w is not None and p_w > m.limit_w:
-                p_w = m.limit_w
             p_units = round(p_w * m.pdiv)
         p = p_units / m.pdiv
         if m.first_ms is None:

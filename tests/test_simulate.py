@@ -691,18 +691,44 @@ def test_commands_switch_loads_off_and_on(broker: Mosquitto, capture: Capture) -
     assert truth.end > truth.start
 
 
-def test_limit_order_caps_power() -> None:
-    fleet = Fleet.build(2, ("json",), site="s", seed=1, interval_s=10)
+def test_limit_order_switches_off_exactly_the_listed_meters() -> None:
+    # docs/orders.md: a limit's `meters` are the meters to switch off; target_kw is
+    # informative and no meter is throttled
+    fleet = Fleet.build(3, ("json",), site="s", seed=1, interval_s=10)
+    ids = [m.id for m in fleet.meters]
     sink = MemorySink()
     simulator = Simulator(fleet, SimOptions(duration_s=100, speed=0, start=START), sink)
     simulator.command(sim.orders_topic("s"), json.dumps(
-        {"action": "limit", "scope": "group:hall-a", "target_kw": 2.0}).encode())
+        {"action": "limit", "scope": "site", "meters": ids[:2], "target_kw": 2.0}).encode())
+    simulator.command(sim.orders_topic("s"), json.dumps(
+        {"action": "limit", "scope": "site", "meters": [], "target_kw": 0.0}).encode())
     simulator.command("cmnd/nobody/POWER", b"OFF")  # unknown devices are ignored
     simulator.command(sim.orders_topic("s"), b"not json")  # and so are bad payloads
     truth = simulator.run()
-    powers = [json.loads(p)["power_w"] for _, p, _ in sink.messages]
-    assert powers and max(powers) == 1000.0
-    assert [c["action"] for c in truth.commands] == ["limit 1000 W"]
+    powers: dict[str, list[float]] = {}
+    for _, p, _ in sink.messages:
+        doc = json.loads(p)
+        powers.setdefault(doc["meter"], []).append(doc["power_w"])
+    assert set(powers[ids[0]]) == set(powers[ids[1]]) == {0.0}
+    assert min(powers[ids[2]]) > 0.85 * fleet.meters[2].rated_kw * 1000 - 1
+    assert [(c["topic"], c["action"], c["meters"]) for c in truth.commands] == [
+        (sim.orders_topic("s"), "off", ids[:2])]
+
+
+def test_resume_order_switches_listed_meters_back_on() -> None:
+    fleet = Fleet.build(2, ("json",), site="s", seed=1, interval_s=10)
+    ids = [m.id for m in fleet.meters]
+    sink = MemorySink()
+    simulator = Simulator(fleet, SimOptions(duration_s=30, speed=0, start=START), sink)
+    simulator.command(sim.orders_topic("s"), json.dumps(
+        {"action": "shutdown", "scope": "site", "meters": []}).encode())
+    simulator.command(sim.orders_topic("s"), json.dumps(
+        {"action": "resume", "scope": "site", "meters": [ids[1]]}).encode())
+    truth = simulator.run()
+    last = {json.loads(p)["meter"]: json.loads(p)["power_w"] for _, p, _ in sink.messages}
+    assert last[ids[0]] == 0.0 and last[ids[1]] > 0
+    assert [(c["action"], c["meters"]) for c in truth.commands] == [("off", ids),
+                                                                    ("on", [ids[1]])]
 
 
 def test_ignore_commands_keeps_loads_running(broker: Mosquitto, capture: Capture) -> None:
