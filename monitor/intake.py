@@ -77,6 +77,9 @@ class Intake:
     _parsers: list[Parser] = field(default_factory=list, init=False)
     _route: dict[str, int] = field(default_factory=dict, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    #: read by the health check from other threads (plain attribute reads are atomic)
+    commit_error: str = field(default="", init=False)
+    last_commit_at: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -297,6 +300,7 @@ class Intake:
                 self.store.commit_batch(batch)
                 break
             except StoreError as exc:
+                self.commit_error = str(exc)
                 self.metrics.store_errors.inc()
                 self.metrics.store_ok.set(0)
                 log.error("store commit failed, batch of %d kept and retried in %.1fs: %s",
@@ -304,9 +308,11 @@ class Intake:
                 if self._stop.wait(delay):
                     raise
                 delay = min(delay * 2, 30.0)
+        self.commit_error = ""
+        self.last_commit_at = time.time()
         self.metrics.store_ok.set(1)
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
-        self.metrics.last_commit.set(time.time())
+        self.metrics.last_commit.set(self.last_commit_at)
         self.ack(msgs)
         return rep
 

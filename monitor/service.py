@@ -100,14 +100,15 @@ class Service:
         if self.mqtt is None or not self.mqtt.connected.is_set():
             why = self.mqtt.last_error if self.mqtt else "not started"
             reasons.append(f"mqtt: not connected{': ' + why if why else ''}")
-        if self.metrics.store_ok._value.get() == 0:
-            reasons.append("store: last commit failed (readings are held, not acknowledged)")
+        if self.intake is not None and self.intake.commit_error:
+            reasons.append("store: not writable, readings are held and not acknowledged: "
+                           f"{self.intake.commit_error}")
         if self.worker is None or not self.worker.is_alive():
             reasons.append("intake: worker not running")
         if self.exporter is not None:
             reasons += [f"influxdb: {r}" for r in self.exporter.health.reasons]
         depth = self.queue.qsize()
-        last = self.metrics.last_commit._value.get()
+        last = self.intake.last_commit_at if self.intake is not None else None
         if depth and last and self.clock() - last > BACKLOG_TOO_OLD_S:
             reasons.append(f"intake: {depth} messages waiting, last commit "
                            f"{self.clock() - last:.0f}s ago")
