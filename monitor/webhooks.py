@@ -452,7 +452,8 @@ class WebhookSender:
       ``Retry-After`` (429/503, capped at ``retry_after_cap_s``) or an
       exponential backoff ``backoff_base_s * 2**(attempts-1)`` capped at
       ``backoff_cap_s``, with equal jitter (half fixed, half random).  Order is
-      kept: nothing newer overtakes the failing row.
+      kept: nothing newer overtakes the failing row, not even an event queued
+      during the wait (the hold is kept in ``kv`` as ``webhooks.hold.<key>``).
     * other 4xx and 3xx (redirects are not followed): the request itself looks
       unwanted, which may still be a proxy's transient 404; that row alone is
       retried on the slower schedule ``rejected_base_s`` .. ``rejected_cap_s``
@@ -602,6 +603,12 @@ class WebhookSender:
             log.exception("webhook %s: cannot open the database", describe(hook))
             return stats
         try:
+            # the endpoint is unwell: its whole queue waits, including events queued
+            # after the failure (they were not there when _postpone moved next_at)
+            held = conn.execute("SELECT value FROM kv WHERE key = ?",
+                                (_hold_key(key),)).fetchone()
+            if held is not None and float(held[0]) > now:
+                return stats
             rows = conn.execute(
                 "SELECT d.event_id, d.attempts, e.body FROM webhook_deliveries d "
                 "JOIN events e ON e.event_id = d.event_id "
@@ -718,6 +725,16 @@ class WebhookSender:
                 "WHERE state = 'pending' AND webhook = ? AND next_at < ?",
                 (retry_at, key, retry_at),
             )
+            conn.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_hold_key(key), repr(retry_at)),
+            )
+
+
+def _hold_key(key: str) -> str:
+    """``kv`` key of the time until which webhook ``key`` is not called (it failed)."""
+    return f"webhooks.hold.{key}"
 
 
 def _jitter(delay_s: float, cap_s: float, rnd: float) -> float:

@@ -222,6 +222,28 @@ def test_every_event_arrives_through_refusal_500_429_and_a_restart(
     assert wh.backlog(sqlite3.connect(db), now).pending == 0
 
 
+def test_events_queued_while_the_endpoint_is_backed_off_wait_too(
+    db: Path, receiver: Receiver
+) -> None:
+    # the daemon keeps queueing events while an endpoint fails: they must not be
+    # sent before the backoff (or Retry-After) is over, nor before the older event
+    hooks = [hook(receiver.url)]
+    first = put(db, [event(0)], hooks)
+    s = sender(db, hooks)
+    assert s.deliver_due(T0).failed == 1  # refused: held for up to 5 s
+    receiver.script = [(429, {"Retry-After": "30"})]
+    receiver.start()
+    later = put(db, [event(1)], hooks, now=T0 + 1)
+    stats = s.deliver_due(T0 + 1)  # the new event is due by itself, but the webhook waits
+    assert (stats.delivered, stats.failed) == (0, 0) and receiver.got == []
+    assert s.deliver_due(T0 + 5).failed == 1  # the oldest first: 429, Retry-After 30 s
+    put(db, [event(2)], hooks, now=T0 + 6)
+    assert s.deliver_due(T0 + 20).delivered == 0
+    assert s.deliver_due(T0 + 35).delivered == 3
+    got = [g.json["event_id"] for g in receiver.got]
+    assert got[0] == first[0] and got[1:3] == [first[0], later[0]]  # oldest first
+
+
 def test_json_body_is_the_stored_event_body_byte_for_byte(db: Path, receiver: Receiver) -> None:
     receiver.start()
     hooks = [hook(receiver.url)]
