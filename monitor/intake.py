@@ -222,8 +222,9 @@ class Intake:
         m.online = True
         m.last_seen = r.ts if m.last_seen is None else max(m.last_seen, r.ts)
         self._dirty.add(m.id)
+        since = out.increments[0].start_ts if out.increments else None
         batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,
-                               r.current_a, ",".join(out.flags)))
+                               r.current_a, ",".join(out.flags), since))
         self.metrics.readings.labels(fmt, "accounted").inc()
         for inc in out.increments:
             for bucket, kwh in accounting.split_buckets(inc.start_ts, inc.end_ts, inc.kwh):

@@ -218,4 +218,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX order_meters_order ON order_meters (order_id);
         """,
     ),
+    (
+        5,
+        """
+        -- the start of the interval a reading's delta_kwh was consumed over (the meter's
+        -- previous accounted reading; = ts for an instant, NULL when nothing was
+        -- accounted): windows shorter than a ledger bucket are summed from these
+        ALTER TABLE readings ADD COLUMN since_ts REAL;
+        """,
+    ),
 ]

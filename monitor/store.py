@@ -70,9 +70,9 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 class IntakeBatch:
     """Everything one intake batch writes.  Built by the intake worker, committed whole."""
 
-    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags)
+    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags, since_ts)
     readings: list[tuple[str, float, float | None, float | None, float, float | None,
-                         float | None, str]] = field(default_factory=list)
+                         float | None, str, float | None]] = field(default_factory=list)
     ledger: dict[tuple[str, int], float] = field(default_factory=dict)
     # (meter, day) -> [kwh, gap_kwh, gap_s]
     daily: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -139,7 +139,7 @@ class Store:
                 if b.readings:
                     c.executemany(
                         "INSERT INTO readings (meter, ts, power_w, energy_kwh, delta_kwh,"
-                        " voltage_v, current_a, flags) VALUES (?,?,?,?,?,?,?,?)",
+                        " voltage_v, current_a, flags, since_ts) VALUES (?,?,?,?,?,?,?,?,?)",
                         b.readings,
                     )
                 if b.ledger:
@@ -226,7 +226,17 @@ class Store:
 
     def energy_between(self, start_ts: float, end_ts: float,
                        bucket_s: int = 900) -> dict[str, float]:
-        """kWh per meter in ``[start_ts, end_ts)`` from the ledger; partial buckets pro rata."""
+        """kWh per meter accounted in ``[start_ts, end_ts]`` (``end_ts`` is "now").
+
+        A window shorter than a ledger bucket is summed from the readings: each
+        reading's ``delta_kwh`` was used evenly over ``[since_ts, ts]``, and the part
+        inside the window counts.  A longer window comes from the ledger: buckets
+        inside it count whole, the first one pro rata, and the bucket holding
+        ``end_ts`` -- still being filled, so its energy lies in ``[bucket, end_ts]``
+        -- pro rata over that part only.
+        """
+        if end_ts - start_ts < bucket_s:
+            return self._energy_from_readings(start_ts, end_ts)
         first = int(start_ts // bucket_s) * bucket_s
         out: dict[str, float] = {}
         for meter, bucket, kwh in self.conn.execute(
@@ -236,9 +246,22 @@ class Store:
             lo, hi = max(bucket, start_ts), min(bucket + bucket_s, end_ts)
             if hi <= lo:
                 continue
-            share = 1.0 if (lo == bucket and hi == bucket + bucket_s) else (hi - lo) / bucket_s
+            span = min(bucket_s, end_ts - bucket)
+            share = 1.0 if hi - lo >= span else (hi - lo) / span
             out[meter] = out.get(meter, 0.0) + kwh * share
         return out
+
+    def _energy_from_readings(self, start_ts: float, end_ts: float) -> dict[str, float]:
+        # since_ts is NULL only in rows written before it existed: taken as an instant
+        rows = self.conn.execute(
+            "SELECT meter, sum(CASE WHEN s = ts THEN delta_kwh ELSE"
+            " delta_kwh * (min(ts, :end) - max(s, :start)) / (ts - s) END)"
+            " FROM (SELECT meter, ts, delta_kwh, min(coalesce(since_ts, ts), ts) AS s"
+            "       FROM readings WHERE ts > :start AND delta_kwh > 0)"
+            " WHERE (s < ts AND s < :end) OR (s = ts AND ts <= :end) GROUP BY meter",
+            {"start": start_ts, "end": end_ts},
+        )
+        return {str(m): float(kwh) for m, kwh in rows}
 
     def kv_get(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
