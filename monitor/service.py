@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG_TOO_OLD_S = 300.0
 EXPORT_BACKLOG_TOO_OLD_S = 3600.0
+WEBHOOK_BACKLOG_TOO_OLD_S = 900.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
 
@@ -77,6 +78,7 @@ class Service:
         self.checker: Checker | None = None
         self.exporter: Exporter | None = None
         self.sender: WebhookSender | None = None
+        self.webhook_oldest_s: float | None = None
         self.scheduler = Scheduler(config.site.tz, self.metrics, config.schedule.misfire_grace_s)
         self._readers = threading.local()
 
@@ -107,6 +109,9 @@ class Service:
             reasons.append("intake: worker not running")
         if self.exporter is not None:
             reasons += [f"influxdb: {r}" for r in self.exporter.health.reasons]
+        hook_age = self.webhook_oldest_s  # as of the last webhook round
+        if hook_age is not None and hook_age > WEBHOOK_BACKLOG_TOO_OLD_S:
+            reasons.append(f"webhooks: oldest undelivered event waiting {hook_age:.0f}s")
         depth = self.queue.qsize()
         last = self.intake.last_commit_at if self.intake is not None else None
         if depth and last and self.clock() - last > BACKLOG_TOO_OLD_S:
@@ -200,6 +205,7 @@ class Service:
         assert self.sender is not None
         self.sender.deliver_due(self.clock())
         bl = self.sender.backlog(self.clock())
+        self.webhook_oldest_s = bl.oldest_age_s
         self.metrics.outbox_backlog.labels("webhooks").set(bl.pending)
         self.metrics.outbox_oldest.labels("webhooks").set(bl.oldest_age_s or 0.0)
 
