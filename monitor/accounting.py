@@ -13,9 +13,16 @@ The rules, in the order they are checked:
   new value is counted from zero, never the negative difference; a smaller
   decrease is jitter and changes nothing.  A retained message whose counter is
   lower than what we hold is an old replay and is ignored.
-* An increment larger than ``rated_kw`` x elapsed time (+25 % and one counter
-  digit of slack) is physically impossible for the meter: it is quarantined
-  (recorded as an anomaly, not counted) and the baseline moves on.
+* Energy larger than ``rated_kw`` x elapsed time (+25 % and 0.002 kWh of slack)
+  is physically impossible for the meter: the increment is quarantined
+  (recorded as an anomaly, not counted) and the baseline moves on.  The bound
+  is cumulative from an anchor reading, not per increment: readings a broker
+  queued while the daemon was down arrive milliseconds apart when it comes
+  back, stamped on receipt, and only their sum can be judged against the time
+  that really passed (since the anchor, which sits before the outage).  The
+  anchor moves forward once it is ``ANCHOR_WINDOW_S`` old, to the reading
+  before one that arrived at least ``ANCHOR_MIN_STEP_S`` after its predecessor
+  -- never into such a burst.
 * A meter without a counter has its power integrated with the trapezoid rule,
   but only across gaps up to ``max_gap_s``; a longer gap (or one that spans an
   ``offline`` last will, or ends in a retained replay) is recorded as a data gap
@@ -38,6 +45,9 @@ from monitor.model import Reading
 
 BUCKET_S = 900  # ledger resolution; every real UTC offset is a multiple of 15 min
 PLAUSIBILITY_SLACK = 1.25
+PLAUSIBILITY_EPSILON_KWH = 0.002  # two digits of a 0.001 kWh counter (rounding)
+ANCHOR_WINDOW_S = 3600.0
+ANCHOR_MIN_STEP_S = 1.0
 
 
 @dataclass(slots=True)
@@ -51,6 +61,8 @@ class MeterState:
     power_ts: float | None = None
     has_counter: bool = False
     offline_since: float | None = None
+    anchor_ts: float | None = None  # plausibility anchor (see module docstring)
+    anchor_kwh: float = 0.0  # energy counted since the anchor
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -153,15 +165,23 @@ def _counter(
     else:
         delta = diff
     if params.rated_kw is not None and delta > 0:
-        bound = params.rated_kw * max(elapsed, 0.0) / 3600.0 * PLAUSIBILITY_SLACK + 0.01
-        if delta > bound:
-            out.anomalies.append(
-                Anomaly(r.ts, "quarantine", delta,
-                        f"{delta:.6f} kWh in {elapsed:.1f}s exceeds rated {params.rated_kw} kW")
-            )
+        if state.anchor_ts is None:
+            state.anchor_ts, state.anchor_kwh = prev_ts, 0.0
+        span = max(r.ts - state.anchor_ts, 0.0)
+        bound = params.rated_kw * span / 3600.0 * PLAUSIBILITY_SLACK + PLAUSIBILITY_EPSILON_KWH
+        if state.anchor_kwh + delta > bound:
+            out.anomalies.append(Anomaly(
+                r.ts, "quarantine", delta,
+                f"{delta:.6f} kWh (+{state.anchor_kwh:.6f} since {state.anchor_ts:.0f}) in "
+                f"{span:.1f}s exceeds rated {params.rated_kw} kW"))
             out.flags.append("quarantine")
             state.counter_kwh, state.counter_ts = value, r.ts
             return
+        state.anchor_kwh += delta
+        if span >= ANCHOR_WINDOW_S and elapsed >= ANCHOR_MIN_STEP_S:
+            # move to the previous reading, not this one: this may be the first of a
+            # burst of queued readings, whose later siblings need the time before it
+            state.anchor_ts, state.anchor_kwh = prev_ts, delta
     state.counter_kwh, state.counter_ts = value, r.ts
     if delta > 0:
         out.delta_kwh = delta

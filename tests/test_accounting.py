@@ -148,3 +148,32 @@ def test_dst_day_in_berlin_has_25_hours() -> None:
     hours = (e.timestamp() - s.timestamp()) / 3600
     days = _days("Europe/Berlin", s, e, hours)
     assert days == pytest.approx({"2026-10-24": 1.0, "2026-10-25": 25.0, "2026-10-26": 1.0})
+
+
+def test_readings_queued_during_an_outage_arrive_in_a_burst_and_still_count() -> None:
+    # A Tasmota (stamped on receipt) reports every 300 s at 3 kW.  The daemon is down
+    # for an hour; the broker delivers the 12 queued readings within milliseconds.
+    params = MeterParams(rated_kw=3.5, max_gap_s=900)
+    s = MeterState()
+    t, kwh, counted = 0.0, 100.0, 0.0
+    for _ in range(4):  # normal operation
+        counted += accounting.apply(s, Reading("m", t, energy_kwh=kwh), params).delta_kwh
+        t += 300
+        kwh += 0.25
+    back = t + 3600
+    for i in range(12):  # the burst: 12 x 0.25 kWh, 1 ms apart
+        counted += accounting.apply(
+            s, Reading("m", back + i * 0.001, energy_kwh=kwh), params).delta_kwh
+        kwh += 0.25
+    assert counted == pytest.approx(0.75 + 12 * 0.25)
+
+
+def test_a_jump_inside_a_burst_is_still_quarantined() -> None:
+    params = MeterParams(rated_kw=3.5, max_gap_s=900)
+    s = MeterState()
+    accounting.apply(s, Reading("m", 0.0, energy_kwh=10.0), params)
+    accounting.apply(s, Reading("m", 300.0, energy_kwh=10.25), params)
+    out = accounting.apply(s, Reading("m", 300.001, energy_kwh=60.0), params)
+    assert out.delta_kwh == 0 and out.anomalies[0].kind == "quarantine"
+    out = accounting.apply(s, Reading("m", 600.0, energy_kwh=60.25), params)
+    assert out.delta_kwh == pytest.approx(0.25)

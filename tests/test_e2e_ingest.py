@@ -110,3 +110,49 @@ def test_sigkill_during_20000_qos1_readings_loses_and_doubles_nothing(
     for m in range(meters):
         assert kwh[f"c{m:02d}"] == pytest.approx((per_meter - 1) * 0.01, rel=1e-9)
     assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_readings_queued_while_the_daemon_was_down_all_count(broker: Mosquitto,
+                                                            tmp_path: Path) -> None:
+    """Receipt-stamped counters queued by the broker arrive in a burst; the rated_kw
+    plausibility bound must judge their sum over the real outage, not each 1 ms apart."""
+    cfg = write_config(tmp_path / "d.toml", broker.port, """
+[[sources]]
+topic = "tele/+/SENSOR"
+format = "tasmota"
+[[meters]]
+id = "rig"
+device = "tasmota/rig"
+rated_kw = 3.6
+""")
+    daemon = Daemon(cfg, tmp_path / "daemon.log").start()
+    pub = publisher(broker.port)
+    try:
+        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        time.sleep(1.0)
+        total = 5.0
+
+        def send() -> None:
+            nonlocal total
+            body = {"Time": "2026-11-27T10:00:00", "ENERGY": {"Total": round(total, 3),
+                                                              "Power": 3600}}
+            pub.publish("tele/rig/SENSOR", json.dumps(body), qos=1).wait_for_publish(10)
+            total += 0.003  # 3.6 kW for 3 s
+
+        send()
+        wait_for(lambda: query(cfg, "SELECT count(*) FROM readings")[0][0] == 1, 30)
+        assert daemon.stop() == 0
+        for _ in range(10):  # 30 s of readings the broker keeps for the stopped daemon
+            time.sleep(3.0)
+            send()
+        daemon.start()
+        wait_for(lambda: query(cfg, "SELECT count(*) FROM readings")[0][0] == 11, 60,
+                 what="queued readings drained")
+        kwh = query(cfg, "SELECT sum(kwh) FROM ledger")[0][0]
+        assert kwh == pytest.approx(0.03, abs=1e-9)
+        assert query(cfg, "SELECT count(*) FROM anomalies WHERE kind='quarantine'")[0][0] == 0
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        daemon.kill()
