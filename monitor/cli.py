@@ -28,8 +28,10 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 log = logging.getLogger("monitor")
 
 
-def _load(args: argparse.Namespace) -> Config:
-    return config_mod.load(args.config)
+def _load(args: argparse.Namespace, *, secrets: bool = True) -> Config:
+    """The configuration; read-only commands pass ``secrets=False`` so they work from a
+    plain shell after the service (and its systemd credentials) stopped."""
+    return config_mod.load(getattr(args, "config", None), secrets=secrets)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, secrets=False)
     st = _open_store(cfg)
     try:
         doc = status.build(st, cfg, time.time())
@@ -98,7 +100,7 @@ def _open_store(cfg: Config) -> Store:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, secrets=False)
     try:
         return report.run(cfg, args.period, args.format, args.out)
     except ValueError as exc:
@@ -107,7 +109,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_orders(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, secrets=False)
     st = _open_store(cfg)
     try:
         if args.orders_cmd == "resume":
@@ -139,7 +141,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args, secrets=False)
     st = _open_store(cfg)
     try:
         result = audit.verify(st.conn)
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", type=Path, default=None,
+        # SUPPRESS: `orders --config X list` and `orders list --config X` both work;
+        # a nested parser's default must not overwrite what its parent parsed
+        sp.add_argument("--config", type=Path, default=argparse.SUPPRESS,
                         help="config file (default: $ENERGY_MONITOR_CONFIG, else ./config.toml)")
         return sp
 

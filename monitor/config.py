@@ -77,7 +77,8 @@ class SiteConfig(_Model):
     timezone: str = "UTC"
     region: str = ""
     subregion: str = ""
-    category: str = "legal_entity"
+    # required: a default would silently decide which legal limits apply
+    category: str
     off_grid: bool = False
 
     @field_validator("id")
@@ -268,7 +269,6 @@ class EnergyCapRule(_RuleBase):
     scope: Scope = "site"
     warn_at: list[float] = Field(default_factory=lambda: [0.8, 0.95])
     conservative: bool = False
-    allow_partial: bool = True  # a `limit` order may be sized from the remaining budget
 
     _fr = field_validator("warn_at")(_check_fractions)
 
@@ -354,6 +354,15 @@ class ReconcileRule(_RuleBase):
     parts: Scope
     tolerance: float = Field(0.05, gt=0, lt=1)
     window_s: float = Field(3600.0, gt=0)
+
+    @field_validator("on_warn", "on_breach")
+    @classmethod
+    def _alert_only(cls, v: list[Action]) -> list[Action]:
+        # a discrepancy says the metering is wrong, not which load to stop: ordering
+        # `main` off would shut the whole feed because a sub-meter is faulty
+        if any(a != "alert" for a in v):
+            raise ValueError("a reconcile rule can only 'alert'")
+        return v
 
 
 Rule = Annotated[
@@ -529,11 +538,14 @@ def _load_with_includes(path: Path, depth: int = 0) -> dict[str, Any]:
     return _merge(merged, data)
 
 
-def _expand(node: Any, key: str, problems: list[str], base_dir: Path) -> Any:
+def _expand(node: Any, key: str, problems: list[str], base_dir: Path,
+            secrets: bool = True) -> Any:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
             sub = f"{key}.{k}" if key else str(k)
+            if k in SECRET_KEYS and isinstance(v, str) and not secrets:
+                continue  # read-only commands never need the secret itself
             if k in SECRET_KEYS and isinstance(v, str):
                 target = SECRET_KEYS[k]
                 if target in node:
@@ -547,12 +559,13 @@ def _expand(node: Any, key: str, problems: list[str], base_dir: Path) -> Any:
                 except OSError as exc:
                     problems.append(f"{sub}: cannot read secret file {secret_path}: {exc.strerror}")
                 continue
-            out[k] = _expand(v, sub, problems, base_dir)
+            out[k] = _expand(v, sub, problems, base_dir, secrets)
         return out
     if isinstance(node, list):
-        return [_expand(v, f"{key}[{i}]", problems, base_dir) for i, v in enumerate(node)]
+        return [_expand(v, f"{key}[{i}]", problems, base_dir, secrets)
+                for i, v in enumerate(node)]
     if isinstance(node, str):
-        return _expand_env(node, key, problems)
+        return _expand_env(node, key, problems if secrets else [])
     return node
 
 
@@ -585,10 +598,14 @@ def _loc(loc: tuple[int | str, ...], data: Any) -> str:
     return "".join(parts)
 
 
-def parse(data: dict[str, Any], base_dir: Path = Path()) -> Config:
-    """Validate already-read TOML data.  Raises :class:`ConfigError`."""
+def parse(data: dict[str, Any], base_dir: Path = Path(), *, secrets: bool = True) -> Config:
+    """Validate already-read TOML data.  Raises :class:`ConfigError`.
+
+    ``secrets=False`` skips ``*_file`` secrets and tolerates unset ``${ENV}``
+    variables (they expand to ""), for commands that only read the store.
+    """
     problems: list[str] = []
-    expanded = _expand(data, "", problems, base_dir)
+    expanded = _expand(data, "", problems, base_dir, secrets)
     if problems:
         raise ConfigError(problems)
     try:
@@ -606,8 +623,8 @@ def parse(data: dict[str, Any], base_dir: Path = Path()) -> Config:
         raise ConfigError(problems) from None
 
 
-def load(path: Path | str | None = None) -> Config:
+def load(path: Path | str | None = None, *, secrets: bool = True) -> Config:
     """Read, merge, expand and validate a configuration file.  Raises :class:`ConfigError`."""
     p = Path(path) if path is not None else default_path()
     data = _load_with_includes(p)
-    return parse(data, p.parent)
+    return parse(data, p.parent, secrets=secrets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -72,7 +73,8 @@ class HttpServer:
         self.health = health
         self.metrics = metrics
         self.status = status
-        self.server = ThreadingHTTPServer((host, port), Handler)
+        server_cls = _Server6 if ":" in host else ThreadingHTTPServer
+        self.server = server_cls((host, port), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, name="http",
@@ -84,6 +86,12 @@ class HttpServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Server6(ThreadingHTTPServer):
+    """The same server on an IPv6 address (``listen = "[::1]:9108"``)."""
+
+    address_family = socket.AF_INET6
 
 
 def render_page(status: dict[str, Any], reasons: list[str]) -> bytes:

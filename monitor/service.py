@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monitor import events
+from monitor import __version__, audit, events
 from monitor import status as status_mod
 from monitor.actions import Actions
 from monitor.checks import Checker
@@ -128,6 +128,10 @@ class Service:
         cfg = self.config
         self.store = Store(cfg.storage.path)
         self.metrics.store_ok.set(1)
+        with self.store.transaction() as conn:  # which rules were in force, for the auditor
+            audit.append(conn, "config.loaded", {
+                "sha256": cfg.digest, "site": cfg.site.id, "version": __version__,
+                "rules": [r.id for r in cfg.rules], "mode": cfg.actions.mode}, self.clock())
         self.mqtt = MqttLink(cfg, self.queue, self.metrics, self.subscriptions())
         self.intake = Intake(cfg, self.store, self.metrics, ack=self.mqtt.ack, queue=self.queue)
         self.worker = threading.Thread(target=self.intake.run, name="intake", daemon=True)

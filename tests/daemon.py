@@ -27,7 +27,7 @@ def write_config(path: Path, port: int, body: str, *, site: str = "test-site",
 [site]
 id = "{site}"
 timezone = "{tz}"
-{extra_site}
+{extra_site if "category" in extra_site else 'category = "legal_entity"' + chr(10) + extra_site}
 
 [mqtt]
 host = "127.0.0.1"

@@ -52,7 +52,7 @@ COMMAND_TOPICS = {
 
 def make_config(tmp_path: Path, port: int = 1883, **actions: Any) -> Config:
     return parse({
-        "site": {"id": SITE, "timezone": "Asia/Irkutsk"},
+        "site": {"id": SITE, "timezone": "Asia/Irkutsk", "category": "individual"},
         "mqtt": {"host": "127.0.0.1", "port": port, "client_id": f"test-actions-{port}"},
         "sources": [{"topic": "tele/+/SENSOR", "format": "tasmota"}],
         "meters": [

@@ -17,6 +17,7 @@ MINIMAL = """
 [site]
 id = "s1"
 timezone = "Asia/Irkutsk"
+category = "individual"
 [[sources]]
 topic = "tele/+/SENSOR"
 format = "tasmota"
@@ -42,30 +43,45 @@ def test_minimal_config_has_safe_defaults(tmp_path: Path) -> None:
     assert c.actions.mode == "live" and not c.actions.auto_resume
 
 
+SOURCE = '[[sources]]\ntopic = "tele/+/SENSOR"\nformat = "tasmota"\n'
+
+
+def doc(site: str = 'id = "s"\ncategory = "individual"\n', rest: str = "",
+        source: str = SOURCE) -> str:
+    return f"[site]\n{site}{source}{rest}"
+
+
 @pytest.mark.parametrize(
-    ("snippet", "expected"),
+    ("text", "expected"),
     [
-        ('[site]\nid = "S 1"\n', "site.id: must match"),
-        ('[site]\nid = "s"\ntimezone = "Asia/Nowhere"\n', "site.timezone: unknown IANA"),
-        ('[site]\nid = "s"\ncolour = "red"\n', "site.colour: unknown key"),
-        ('[site]\nid = "s"\n[mqtt]\nport = 70000\n', "mqtt.port:"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "energy_cap"\n',
+        (doc('id = "S 1"\ncategory = "x"\n'), "site.id: must match"),
+        (doc('id = "s"\n'), "site.category: required key is missing"),
+        (doc('id = "s"\ncategory = "x"\ntimezone = "Asia/Nowhere"\n'),
+         "site.timezone: unknown IANA"),
+        (doc('id = "s"\ncategory = "x"\ncolour = "red"\n'), "site.colour: unknown key"),
+        (doc(rest="[mqtt]\nport = 70000\n"), "mqtt.port:"),
+        (doc(rest='[[rules]]\nid = "r"\nkind = "energy_cap"\n'),
          "rules[0].limit_kwh: required"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "energy_cap"\nlimit_kwh = 5\n'
-         'warn_at = [1.5]\n', "rules[0].warn_at: every level must be a fraction"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "teleport"\n', "rules[0]"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "ban_window"\n',
+        (doc(rest='[[rules]]\nid = "r"\nkind = "energy_cap"\nlimit_kwh = 5\nwarn_at = [1.5]\n'),
+         "rules[0].warn_at: every level must be a fraction"),
+        (doc(rest='[[rules]]\nid = "r"\nkind = "teleport"\n'), "rules[0]"),
+        (doc(rest='[[rules]]\nid = "r"\nkind = "ban_window"\n'),
          "needs 'dates' or 'yearly'"),
-        ('[site]\nid = "s"\n[[rules]]\nid = "r"\nkind = "ban_window"\n'
-         'yearly = {start = "02-30", end = "03-01"}\n', "rules[0].yearly.start: 02-30"),
-        ('[site]\nid = "s"\n[[webhooks]]\nurl = "ftp://x"\n', "webhooks[0].url:"),
-        ('[site]\nid = "s"\n[[sources]]\ntopic = "a/#/b"\nformat = "json"\n', "sources[0].topic"),
-        ('[site]\nid = "s"\n[[sources]]\ntopic = "a"\nformat = "modbus"\n', "sources[0].format"),
+        (doc(rest='[[rules]]\nid = "r"\nkind = "ban_window"\n'
+                  'yearly = {start = "02-30", end = "03-01"}\n'),
+         "rules[0].yearly.start: 02-30"),
+        (doc(rest='[[rules]]\nid = "r"\nkind = "reconcile"\nmain = "site"\nparts = "site"\n'
+                  'on_breach = ["alert", "shutdown"]\n'),
+         "rules[0].on_breach: a reconcile rule can only 'alert'"),
+        (doc(rest='[[webhooks]]\nurl = "ftp://x"\n'), "webhooks[0].url:"),
+        (doc(source='[[sources]]\ntopic = "a/#/b"\nformat = "json"\n'), "sources[0].topic"),
+        (doc(source='[[sources]]\ntopic = "a"\nformat = "modbus"\n'), "sources[0].format"),
+        (doc(source='[[sources]]\ntopic = "a/#"\nformat = "esphome"\n'
+                    'options = {power_unit = "MW"}\n'), "sources[0].options: "),
+        (doc(source=""), "sources: at least one [[sources]] entry is needed"),
     ],
 )
-def test_errors_name_the_dotted_key(tmp_path: Path, snippet: str, expected: str) -> None:
-    text = snippet if "[[sources]]" in snippet else snippet + MINIMAL.split("[site]")[1].split(
-        "\n", 3)[3]
+def test_errors_name_the_dotted_key(tmp_path: Path, text: str, expected: str) -> None:
     found = problems(tmp_path, text)
     assert any(expected in p for p in found), found
 
@@ -153,3 +169,22 @@ def test_repository_config_and_every_profile_load(tmp_path: Path) -> None:
         site = tmp_path / f"{profile.stem}.toml"
         site.write_text(f'include = ["{profile}"]\n' + MINIMAL)
         assert config.load(site).rules, profile
+
+
+def test_read_only_commands_need_no_secrets(tmp_path: Path) -> None:
+    text = MINIMAL + '[mqtt]\nusername = "${UNSET_USER_VAR}"\npassword_file = "/nonexistent/pw"\n'
+    with pytest.raises(config.ConfigError):
+        load_text(tmp_path, text)
+    p = tmp_path / "c.toml"
+    c = config.load(p, secrets=False)
+    assert c.mqtt.password is None and c.mqtt.username == ""
+
+
+def test_nested_config_option_is_honoured_in_either_position(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(MINIMAL + f'[storage]\npath = "{tmp_path / "none.db"}"\n')
+    for argv in (["orders", "--config", str(cfg), "list"], ["orders", "list", "--config", str(cfg)],
+                 ["audit", "--config", str(cfg), "verify"], ["audit", "verify", "--config", str(cfg)]):
+        assert main(argv) == 1
+        assert "none.db" in capsys.readouterr().err, argv

@@ -47,6 +47,7 @@ FRAGMENT_BASE = """
 
 [site]
 id = "docs-fragment"
+category = "legal_entity"
 
 [[sources]]
 topic = "docs/fragment/+"

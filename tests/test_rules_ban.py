@@ -35,7 +35,7 @@ SEASONAL = {
 def verdict(rule: BanWindowRule, now: float, tz: str = IRK, **site_kw: Any) -> Verdict:
     meters = {"a": MeterSnapshot(id="a", group="", rated_kw=None, last_seen=now, online=True,
                                  power_w=3250.0, expected_interval_s=60.0)}
-    s = Snapshot(now=now, site=SiteConfig.model_validate({"id": "s", "timezone": tz, **site_kw}),
+    s = Snapshot(now=now, site=SiteConfig.model_validate({"id": "s", "timezone": tz, "category": "legal_entity", **site_kw}),
                  meters=meters, period_kwh={}, period_gap_kwh={}, window_kwh={})
     (v,) = evaluate(rule, s)
     return v
@@ -167,7 +167,7 @@ def test_off_grid_sites_get_no_ban_verdict() -> None:
     rule = ban(**SEASONAL)
     now = ts(IRK, 2026, 1, 10)
     s = Snapshot(now=now, site=SiteConfig.model_validate(
-        {"id": "s", "timezone": IRK, "off_grid": True}),
+        {"id": "s", "timezone": IRK, "category": "legal_entity", "off_grid": True}),
         meters={}, period_kwh={}, period_gap_kwh={}, window_kwh={})
     assert evaluate_all([rule], s) == []
     strict = ban(**SEASONAL, exempt_off_grid=False)

@@ -378,7 +378,7 @@ def test_config_snippet_is_a_valid_daemon_config_for_the_fleet() -> None:
     fleet = Fleet.build(16, ALL, site="irk-01", seed=1)
     snippet = sim.config_snippet(fleet)
     data = tomllib.loads(snippet)
-    cfg = config_mod.parse({"site": {"id": "irk-01"}, **data})
+    cfg = config_mod.parse({"site": {"id": "irk-01", "category": "individual"}, **data})
     by_device = cfg.meter_for_device()
     for spec in fleet.meters:
         for device in spec.devices:
