@@ -184,7 +184,8 @@ def test_nested_config_option_is_honoured_in_either_position(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(MINIMAL + f'[storage]\npath = "{tmp_path / "none.db"}"\n')
-    for argv in (["orders", "--config", str(cfg), "list"], ["orders", "list", "--config", str(cfg)],
-                 ["audit", "--config", str(cfg), "verify"], ["audit", "verify", "--config", str(cfg)]):
+    c = str(cfg)
+    for argv in (["orders", "--config", c, "list"], ["orders", "list", "--config", c],
+                 ["audit", "--config", c, "verify"], ["audit", "verify", "--config", c]):
         assert main(argv) == 1
         assert "none.db" in capsys.readouterr().err, argv
