@@ -1,0 +1,197 @@
+"""Benchmark: reading what the rules need from SQLite, for 10,000 meters in 50 groups.
+
+The rule check of the daemon is two steps: :func:`monitor.checks.build_snapshot`
+reads the meters, the period totals (``daily``) and the window totals
+(``ledger``) from the store, then :func:`monitor.rules.evaluate_all` decides
+(``bench_rules.py`` times that second step alone).  This times the first step
+on a real store in WAL mode holding:
+
+- 10,000 meters (``meters`` rows with accounting state, as the intake leaves them);
+- a month of daily rows (30 local days up to today: 300,000 ``daily`` rows);
+- a day of 15-minute ledger buckets (96 per meter: 960,000 ``ledger`` rows);
+- one curtailment signal.
+
+The rules, the site and ``now`` are those of ``bench_rules.py`` (Asia/Irkutsk,
+2026-11-27 02:00 local), so the two numbers add up to one check.  Each step of
+the snapshot is also timed on its own, so a slow check points at its query.
+
+    python -m bench.bench_store [METERS]
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script, or imported by a harness in bench/
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_rules import GROUPS, METERS, rule_set  # noqa: E402
+from monitor import rules  # noqa: E402
+from monitor.accounting import MeterState  # noqa: E402
+from monitor.checks import build_snapshot  # noqa: E402
+from monitor.config import Config  # noqa: E402
+from monitor.store import Store  # noqa: E402
+
+TZ = "Asia/Irkutsk"
+DAYS = 30
+BUCKET_S = 900
+BUCKETS = 96  # one day of 15-minute buckets
+
+
+def bench_now() -> float:
+    """The ``now`` of ``bench_rules.snapshot``: 2026-11-27 02:00 in Irkutsk."""
+    return dt.datetime(2026, 11, 27, 2, tzinfo=ZoneInfo(TZ)).timestamp()
+
+
+def config(db: Path, meters: int) -> Config:
+    """The site of ``bench_rules``, its rule set, and ``meters`` configured meters."""
+    return Config.model_validate({
+        "site": {"id": "bench", "timezone": TZ, "category": "individual", "region": "RU-IRK",
+                 "subregion": "bratsk"},
+        "sources": [{"topic": "bench/#", "format": "json"}],
+        "storage": {"path": str(db)},
+        "meters": [{"id": f"m{i:05d}", "device": f"m{i:05d}", "group": f"g{i % GROUPS:02d}",
+                    "rated_kw": 3.5, "expected_interval_s": 60.0} for i in range(meters)],
+        "rules": rule_set(),
+    })
+
+
+def fill(db: Path, meters: int, now: float, days: int = DAYS, seed: int = 1) -> dict[str, int]:
+    """Write the store described in the module docstring; returns row counts."""
+    rnd = random.Random(seed)
+    ids = [f"m{i:05d}" for i in range(meters)]
+    today = dt.datetime.fromtimestamp(now, ZoneInfo(TZ)).date()
+    day_names = [(today - dt.timedelta(days=k)).isoformat() for k in range(days)]
+    last_bucket = int(now // BUCKET_S) * BUCKET_S
+    buckets = [last_bucket - k * BUCKET_S for k in range(BUCKETS)]
+
+    def meter_rows() -> Iterator[tuple[Any, ...]]:
+        for i, mid in enumerate(ids):
+            silent = rnd.random() < 0.01
+            seen = now - (2000.0 if silent else rnd.uniform(0, 60))
+            power = rnd.uniform(2800, 3400)
+            acct = MeterState(last_ts=seen, counter_kwh=10_000 + i, counter_ts=seen,
+                              power_w=power, power_ts=seen, has_counter=True).to_json()
+            yield (mid, mid, f"g{i % GROUPS:02d}", "json", now - days * 86400.0, seen,
+                   None if silent else power, 1, acct)
+
+    def daily_rows() -> Iterator[tuple[Any, ...]]:
+        for day in day_names:
+            for k, mid in enumerate(ids):
+                gap = 3.5 if k % 97 == 0 else 0.0
+                yield (mid, day, rnd.uniform(60, 80), gap, gap * 3600 / 3.5)
+
+    def ledger_rows() -> Iterator[tuple[Any, ...]]:
+        for bucket in buckets:
+            for mid in ids:
+                yield (mid, bucket, rnd.uniform(0.7, 0.85))
+
+    store = Store(db)
+    try:
+        with store.transaction() as c:
+            c.executemany(
+                "INSERT INTO meters (id, device, grp, format, first_seen, last_seen, power_w,"
+                " online, acct) VALUES (?,?,?,?,?,?,?,?,?)", meter_rows())
+            c.executemany("INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s)"
+                          " VALUES (?,?,?,?,?)", daily_rows())
+            c.executemany("INSERT INTO ledger (meter, bucket, kwh) VALUES (?,?,?)",
+                          ledger_rows())
+            c.execute("INSERT INTO signals (topic, target_kw, until, received_at, payload)"
+                      " VALUES ('grid/curtail', 0, ?, ?, '{}')", (now + 600, now - 60))
+        store.conn.execute("ANALYZE")
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        store.close()
+    return {"meters": meters, "daily_rows": meters * days, "ledger_rows": meters * BUCKETS}
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    times: list[float] = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return round(statistics.median(times), 3), round(max(times), 3)
+
+
+def run(workdir: Path, meters: int = METERS, days: int = DAYS,
+        repeat: int = 11) -> dict[str, Any]:
+    """Fill a store in ``workdir`` and time ``build_snapshot`` ``repeat`` times."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = workdir / "monitor.db"
+    now = bench_now()
+    cfg = config(db, meters)
+    t0 = time.perf_counter()
+    rows = fill(db, meters, now, days)
+    fill_s = time.perf_counter() - t0
+
+    store = Store(db)
+    try:
+        first_t0 = time.perf_counter()
+        snap = build_snapshot(store, cfg, now)  # cold: first read after opening
+        first_ms = (time.perf_counter() - first_t0) * 1000
+        snap_ms: list[float] = []
+        eval_ms: list[float] = []
+        for i in range(repeat):
+            t1 = time.perf_counter()
+            snap = build_snapshot(store, cfg, now + i)
+            t2 = time.perf_counter()
+            rules.evaluate_all(cfg.rules, snap)
+            t3 = time.perf_counter()
+            snap_ms.append((t2 - t1) * 1000)
+            eval_ms.append((t3 - t2) * 1000)
+
+        # each read of build_snapshot on its own, to point at the query that costs
+        tz = cfg.site.tz
+        today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
+        steps: dict[str, dict[str, float]] = {}
+        med, mx = _median_ms(store.meters, repeat)
+        steps["meters"] = {"median_ms": med, "max_ms": mx}
+        for period in sorted(rules.periods_needed(cfg.rules)):
+            start, _end, _label = rules.period_bounds(period, now, tz)
+            first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
+            med, mx = _median_ms(partial(store.daily_totals, first, today), repeat)
+            steps[f"daily_totals.{period}"] = {"median_ms": med, "max_ms": mx}
+        for window in sorted(rules.windows_needed(cfg.rules)):
+            med, mx = _median_ms(partial(store.energy_between, now - window, now), repeat)
+            steps[f"energy_between.{int(window)}s"] = {"median_ms": med, "max_ms": mx}
+    finally:
+        store.close()
+
+    snap_med = statistics.median(snap_ms)
+    eval_med = statistics.median(eval_ms)
+    return {
+        "name": "checks.build_snapshot",
+        **rows,
+        "groups": GROUPS,
+        "days": days,
+        "rules": len(cfg.rules),
+        "db_mib": round(db.stat().st_size / 2**20, 1),
+        "fill_s": round(fill_s, 1),
+        "repeat": repeat,
+        "first_ms": round(first_ms, 3),
+        "median_ms": round(snap_med, 3),
+        "max_ms": round(max(snap_ms), 3),
+        "evaluate_median_ms": round(eval_med, 3),
+        "check_median_ms": round(snap_med + eval_med, 3),
+        "period_meters": {p: len(v) for p, v in sorted(snap.period_kwh.items())},
+        "steps": steps,
+    }
+
+
+if __name__ == "__main__":
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else METERS
+    with tempfile.TemporaryDirectory() as d:
+        print(json.dumps(run(Path(d), meters=count), indent=2))
