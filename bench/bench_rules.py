@@ -67,7 +67,8 @@ def rule_set() -> list[AnyRule]:
 def snapshot(rules: list[AnyRule], seed: int = 1) -> Snapshot:
     rnd = random.Random(seed)
     now = dt.datetime(2026, 11, 27, 2, tzinfo=ZoneInfo("Asia/Irkutsk")).timestamp()
-    site = SiteConfig.model_validate({"id": "bench", "timezone": "Asia/Irkutsk", "category": "individual",
+    site = SiteConfig.model_validate({"id": "bench", "timezone": "Asia/Irkutsk",
+                                      "category": "individual",
                                       "region": "RU-IRK", "subregion": "bratsk"})
     meters: dict[str, MeterSnapshot] = {}
     for i in range(METERS):

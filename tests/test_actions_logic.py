@@ -303,7 +303,8 @@ def test_cli_orders_resume_then_list(tmp_path: Path, capsys: pytest.CaptureFixtu
     db = tmp_path / "monitor.db"
     conf = tmp_path / "config.toml"
     conf.write_text(
-        '[site]\nid = "irk-01"\ncategory = "individual"\n\n[[sources]]\ntopic = "tele/+/SENSOR"\nformat = "tasmota"\n\n'
+        '[site]\nid = "irk-01"\ncategory = "individual"\n\n'
+        '[[sources]]\ntopic = "tele/+/SENSOR"\nformat = "tasmota"\n\n'
         '[[meters]]\nid = "rack-01"\ndevice = "tasmota/pow1"\ngroup = "hall-a"\n'
         'control = { kind = "tasmota", topic = "cmnd/pow1/POWER" }\n\n'
         f'[storage]\npath = "{db}"\n')

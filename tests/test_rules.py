@@ -39,7 +39,8 @@ def ts(tz: str, y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) ->
 
 
 def site(**kw: Any) -> SiteConfig:
-    return SiteConfig.model_validate({"id": "s1", "timezone": "UTC", "category": "legal_entity", **kw})
+    return SiteConfig.model_validate(
+        {"id": "s1", "timezone": "UTC", "category": "legal_entity", **kw})
 
 
 def energy(**kw: Any) -> EnergyCapRule:

@@ -35,7 +35,8 @@ SEASONAL = {
 def verdict(rule: BanWindowRule, now: float, tz: str = IRK, **site_kw: Any) -> Verdict:
     meters = {"a": MeterSnapshot(id="a", group="", rated_kw=None, last_seen=now, online=True,
                                  power_w=3250.0, expected_interval_s=60.0)}
-    s = Snapshot(now=now, site=SiteConfig.model_validate({"id": "s", "timezone": tz, "category": "legal_entity", **site_kw}),
+    s = Snapshot(now=now, site=SiteConfig.model_validate(
+        {"id": "s", "timezone": tz, "category": "legal_entity", **site_kw}),
                  meters=meters, period_kwh={}, period_gap_kwh={}, window_kwh={})
     (v,) = evaluate(rule, s)
     return v

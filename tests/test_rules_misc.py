@@ -41,7 +41,8 @@ def snap(meters: list[MeterSnapshot], *, month: Mapping[str, float] | None = Non
          signals: Mapping[str, Signal] | None = None) -> Snapshot:
     return Snapshot(
         now=NOW,
-        site=SiteConfig.model_validate({"id": "s", "timezone": "Asia/Irkutsk", "category": "legal_entity"}),
+        site=SiteConfig.model_validate(
+            {"id": "s", "timezone": "Asia/Irkutsk", "category": "legal_entity"}),
         meters={x.id: x for x in meters},
         period_kwh={"calendar_month": month or {}},
         period_gap_kwh={},
