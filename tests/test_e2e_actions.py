@@ -407,6 +407,18 @@ ON = {
 }
 
 
+CAP_RULE = """
+[[rules]]
+id = "hall-a-daily"
+kind = "energy_cap"
+period = "calendar_day"
+scope = "group:hall-a"
+limit_kwh = 0.02    # hall-a draws ~15 kW: breached within seconds
+warn_at = [0.5]
+on_breach = ["alert", "shutdown"]
+"""
+
+
 def command(spec: simulate.MeterSpec, payload: bytes) -> str:
     """A device command in a comparable form: JSON payloads re-serialised with sorted keys."""
     text = payload.decode()
@@ -420,9 +432,10 @@ class Site:
     MQTT recorder and a webhook receiver, all running."""
 
     def __init__(self, broker: Mosquitto, tmp: Path, receiver: Receiver, secret_file: Path,
-                 *, obey: bool, actions: str) -> None:
+                 *, obey: bool, actions: str, rules: str, seed: int) -> None:
+        self.seed = seed
         self.fleet = simulate.Fleet.build(10, FORMATS, site=SITE, groups=2, interval_s=1,
-                                          seed=3)
+                                          seed=seed)
         self.hall_a = [m for m in self.fleet.meters if m.group == "hall-a"]
         self.hall_b = [m for m in self.fleet.meters if m.group == "hall-b"]
         assert [m.format for m in self.hall_a] == [m.format for m in self.hall_b] == list(
@@ -436,14 +449,7 @@ class Site:
 [schedule]
 check_interval_s = 1
 
-[[rules]]
-id = "hall-a-daily"
-kind = "energy_cap"
-period = "calendar_day"
-scope = "group:hall-a"
-limit_kwh = 0.02    # hall-a draws ~15 kW: breached within seconds
-warn_at = [0.5]
-on_breach = ["alert", "shutdown"]
+{rules}
 
 [actions]
 {actions}
@@ -463,7 +469,7 @@ on_breach = ["alert", "shutdown"]
     def _simulate(self, obey: bool) -> None:
         try:
             self.truth.append(simulate.simulate(
-                self.fleet, simulate.SimOptions(speed=1, seed=3, obey_commands=obey),
+                self.fleet, simulate.SimOptions(speed=1, seed=self.seed, obey_commands=obey),
                 port=self.broker.port, stop=self.stop))
         except BaseException as exc:
             self.sim_error.append(exc)
@@ -514,8 +520,9 @@ def make_site(broker: Mosquitto, tmp_path: Path, receiver: Receiver,
               secret_file: Path) -> Iterator[Any]:
     sites: list[Site] = []
 
-    def make(*, obey: bool, actions: str) -> Site:
-        site = Site(broker, tmp_path, receiver, secret_file, obey=obey, actions=actions)
+    def make(*, obey: bool, actions: str, rules: str = CAP_RULE, seed: int = 3) -> Site:
+        site = Site(broker, tmp_path, receiver, secret_file, obey=obey, actions=actions,
+                    rules=rules, seed=seed)
         sites.append(site)
         return site.start()
 
@@ -694,3 +701,63 @@ max_resends = 2
     assert all(power[m] > 1000 for m in hall_a), power
     assert len(site.order_rows()) == 1
     assert site.stop_sim().commands == []
+
+
+@pytest.mark.slow
+def test_curtailment_limit_switches_off_exactly_the_meters_it_sheds(make_site: Any) -> None:
+    """A limit order lists the meters to switch off (docs/orders.md); the simulated site
+    switches exactly those off -- the json meter through the orders topic alone."""
+    # seed 4: the json meter rig-005 has hall-a's highest rating by 5 %, then three
+    # within 1 %; hall-a draws ~14.9 kW, so a 10 kW target sheds rig-005 and one more
+    site: Site = make_site(obey=True, seed=4, actions="""
+confirm_below_w = 50
+confirm_within_s = 5
+""", rules="""
+[[rules]]
+id = "grid-curtailment"
+kind = "curtailment"
+topic = "grid/curtail"
+scope = "group:hall-a"
+on_breach = ["alert", "limit"]
+""")
+    cfg = site.cfg
+    hall_a = [m.id for m in site.hall_a]
+    assert max(site.hall_a, key=lambda m: m.rated_kw).format == "json"
+
+    def all_drawing() -> bool:
+        power = dict(query(cfg, "SELECT id, power_w FROM meters"))
+        return all((power.get(m) or 0) > 1000 for m in hall_a)
+
+    wait_for(all_drawing, 30, what="every hall-a meter drawing")
+    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    pub = publisher(site.broker.port)
+    pub.publish("grid/curtail", json.dumps({"target_kw": 10.0, "until": until}),
+                qos=1).wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+    wait_for(lambda: any(r[1] == "limit" and r[3] == "confirmed" for r in site.order_rows()),
+             60, what="a confirmed limit order")
+    (order_id, action, scope, _state, _resends, meters, _dry) = site.order_rows()[0]
+    shed = json.loads(meters)
+    assert (action, scope) == ("limit", "group:hall-a")
+    assert len(shed) == 2 and shed[0] == "rig-005", shed
+    data = json.loads(one(query(cfg, "SELECT data FROM orders WHERE order_id = ?",
+                                (order_id,))))
+    assert data["shed"]["reaches_target"] is True and data["shed"]["after_w"] <= 10_000
+
+    sent = [o for o in site.recorder.orders(SITE) if o["order_id"] == order_id]
+    assert sent[0]["action"] == "limit" and sent[0]["target_kw"] == 10.0
+    assert sent[0]["meters"] == shed
+    shed_specs = [m for m in site.hall_a if m.id in shed]
+    kept = [m for m in site.hall_a if m.id not in shed]
+    assert sorted(set(site.commands(site.hall_a))) == sorted(expected_commands(shed_specs, OFF))
+    assert site.commands(site.hall_b) == []
+    power = dict(query(cfg, "SELECT id, power_w FROM meters"))
+    assert all(power[m] < 50 for m in shed), power
+    assert all(power[m.id] > 1000 for m in kept + site.hall_b), power
+    wait_for(lambda: any(e["order_id"] == order_id
+                         for e in site.receiver.events("order.confirmed")), 30,
+             what="order.confirmed at the webhook")
+    truth = site.stop_sim()
+    assert {m for c in truth.commands for m in c["meters"]} == set(shed)
+    assert {c["action"] for c in truth.commands} == {"off"}
