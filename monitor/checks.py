@@ -46,8 +46,15 @@ class CheckResult:
     orders: int = 0
 
 
-def build_snapshot(store: Store, config: Config, now: float) -> rules.Snapshot:
-    """Read what the configured rules need from the store, as of ``now``."""
+def build_snapshot(store: Store, config: Config, now: float,
+                   watching_since: float | None = None) -> rules.Snapshot:
+    """Read what the configured rules need from the store, as of ``now``.
+
+    ``watching_since`` (the daemon's start) stands in for the last reading of a
+    meter that has never reported: it is silent since we started listening,
+    not since the beginning of time, so a fresh install does not report every
+    configured meter stale at its first check.
+    """
     tz = config.site.tz
     configured = {m.id: m for m in config.meters}
     default_interval = config.intake.expected_interval_s
@@ -58,7 +65,9 @@ def build_snapshot(store: Store, config: Config, now: float) -> rules.Snapshot:
         fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
         meters[row.id] = rules.MeterSnapshot(
             id=row.id, group=mc.group if mc else row.group,
-            rated_kw=mc.rated_kw if mc else None, last_seen=row.last_seen, online=row.online,
+            rated_kw=mc.rated_kw if mc else None,
+            last_seen=row.last_seen if row.last_seen is not None else watching_since,
+            online=row.online,
             power_w=row.power_w if fresh else None, expected_interval_s=interval)
     period_kwh: dict[str, dict[str, float]] = {}
     period_gap: dict[str, dict[str, float]] = {}
@@ -83,14 +92,16 @@ def build_snapshot(store: Store, config: Config, now: float) -> rules.Snapshot:
 class Checker:
     """Runs one check per call of :meth:`run`.  Owned by the scheduler's check job."""
 
-    def __init__(self, config: Config, metrics: Metrics, actions: OrderSink | None) -> None:
+    def __init__(self, config: Config, metrics: Metrics, actions: OrderSink | None,
+                 started_at: float | None = None) -> None:
         self.config = config
+        self.started_at = started_at
         self.metrics = metrics
         self.actions = actions
         self.rules_by_id = {r.id: r for r in config.rules}
 
     def run(self, store: Store, now: float) -> CheckResult:
-        snap = build_snapshot(store, self.config, now)
+        snap = build_snapshot(store, self.config, now, self.started_at)
         verdicts = rules.evaluate_all(self.config.rules, snap)
         res = CheckResult(verdicts=verdicts)
         site = self.config.site.id

@@ -141,7 +141,7 @@ class Service:
         self.actions = Actions(
             cfg, self.mqtt.publish, lambda conn, ev: events.emit(conn, cfg, ev, self.clock()),
             clock=self.clock, connected=self.mqtt.connected.is_set, metrics=self.metrics)
-        self.checker = Checker(cfg, self.metrics, self.actions)
+        self.checker = Checker(cfg, self.metrics, self.actions, started_at=self.clock())
         self.scheduler.every("check", cfg.schedule.check_interval_s, self._check)
         self.scheduler.every("orders", ORDERS_TICK_S, self._orders)
         self.sender = WebhookSender(cfg.webhooks, cfg.storage.path,
