@@ -63,7 +63,7 @@ org = "mining"
 bucket = "energy"
 token_file = "{token}"
 flush_interval_s = 1
-timeout_s = 5
+timeout_s = 30      # a write that times out is re-sent, and VictoriaMetrics keeps both copies
 
 [schedule]
 check_interval_s = 1
