@@ -462,7 +462,7 @@ class Actions:
 
     # ------------------------------------------------------------------ issuing
 
-    def order(  # noqa: PLR0917 - the call shape the brief fixes for rules, CLI and tests
+    def order(
         self,
         conn: sqlite3.Connection,
         action: str,

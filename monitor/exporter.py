@@ -138,7 +138,7 @@ def reading_line(site: str, meter: str, group: str, fmt: str, ts: float, *,
     return f"energy_reading{tags} {fields} {ts_ns(ts)}"
 
 
-def rule_line(  # noqa: PLR0917 - the rules module's call shape, fixed by contract
+def rule_line(
     site: str, rule: str, scope: str, value: float | None, limit: float | None,
     ratio: float | None, projected: float | None, state_int: int, ts: float,
 ) -> str:

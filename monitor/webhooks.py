@@ -343,7 +343,7 @@ HttpPost = Callable[[str, bytes, Mapping[str, str], float], HttpResponse]
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Never follow redirects: urllib would turn a POST into a body-less GET and report 2xx."""
 
-    def redirect_request(  # noqa: PLR0917 -- urllib's signature
+    def redirect_request(
         self,
         req: urllib.request.Request,
         fp: Any,
