@@ -276,6 +276,19 @@ def _check_row(row: tuple[Any, ...], expected_seq: int, prev_hash: str) -> str:
 
 
 def verify(conn: sqlite3.Connection, expected: Head | None = None) -> VerifyResult:
+    """See :func:`_verify`.  Reads the anchor and the chain in one read transaction
+    (when the caller has none open), so a daemon appending meanwhile cannot make a
+    consistent log look broken."""
+    if conn.in_transaction:
+        return _verify(conn, expected)
+    conn.execute("BEGIN")  # deferred: a WAL snapshot from the first read on
+    try:
+        return _verify(conn, expected)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _verify(conn: sqlite3.Connection, expected: Head | None = None) -> VerifyResult:
     """Recompute the whole chain; report the first entry that is changed, missing or moved.
 
     Detected: a changed byte in any column of any entry, a deleted or inserted

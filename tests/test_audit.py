@@ -255,3 +255,34 @@ def test_two_writers_never_fork_the_chain(tmp_path: Path) -> None:
     assert audit.verify(a).ok
     a.close()
     b.close()
+
+
+def test_verify_reads_one_snapshot_while_the_daemon_appends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon appends between verify's read of the anchor and its read of the rows:
+    verify must still see one consistent log (it runs in one read transaction)."""
+    path = tmp_path / "a.db"
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("PRAGMA journal_mode=WAL")
+    _migrate(reader)
+    writer = sqlite3.connect(path, isolation_level=None)
+    for i in range(3):
+        writer.execute("BEGIN IMMEDIATE")
+        audit.append(writer, "event", {"i": i}, 1000.0 + i)
+        writer.execute("COMMIT")
+    real_anchor = audit.anchor
+
+    def anchor_then_append(c: sqlite3.Connection) -> audit.Head | None:
+        found = real_anchor(c)
+        if c is not reader:  # append() reads the anchor too
+            return found
+        writer.execute("BEGIN IMMEDIATE")
+        audit.append(writer, "event", {"i": "late"}, 2000.0)
+        writer.execute("COMMIT")
+        return found
+
+    monkeypatch.setattr(audit, "anchor", anchor_then_append)
+    result = audit.verify(reader)
+    assert result.ok, result
+    monkeypatch.setattr(audit, "anchor", real_anchor)
+    assert audit.verify(reader).checked == 4
