@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG_TOO_OLD_S = 300.0
 EXPORT_BACKLOG_TOO_OLD_S = 3600.0
+EXPORT_ALERT_KEY = "export.alert"
 WEBHOOK_BACKLOG_TOO_OLD_S = 900.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
@@ -217,13 +218,31 @@ class Service:
         self._export(final=True)
 
     def _export(self, final: bool = False) -> None:
-        if self.exporter is not None:
-            self.exporter.flush(max_batches=50 if final else 10, ignore_backoff=final)
+        if self.exporter is None:
+            return
+        result = self.exporter.flush(max_batches=50 if final else 10, ignore_backoff=final)
+        if result.ok and self.exporter.health.healthy:
+            self._export_recovered()
+
+    def _export_recovered(self) -> None:
+        """Resolve the alert of a refused export once writes succeed again (kv-persisted,
+        so a restart in between still resolves it)."""
+        st = self.reader()
+        if st.kv_get(EXPORT_ALERT_KEY) is None:
+            return
+        with st.transaction() as conn:
+            conn.execute("DELETE FROM kv WHERE key = ?", (EXPORT_ALERT_KEY,))
+            events.emit(conn, self.config, {
+                "kind": "alert.resolved", "severity": "info", "rule": "influxdb-export",
+                "scope": "site", "message": "InfluxDB accepts our writes again",
+            }, self.clock())
 
     def _export_refused(self, reason: str) -> None:
         """InfluxDB said 401/403: tell the operator through the webhooks (once per cause)."""
         st = self.reader()
         with st.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+                         (EXPORT_ALERT_KEY, reason))
             events.emit(conn, self.config, {
                 "kind": "alert.firing", "severity": "critical", "rule": "influxdb-export",
                 "scope": "site", "message": f"InfluxDB refused our writes: {reason}",

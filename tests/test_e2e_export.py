@@ -319,6 +319,9 @@ def test_a_refused_token_makes_healthz_fail_and_raises_an_alert(
             wait_for(lambda: exported_count(vm) >= 10, 60, what="the held readings exported")
             assert_store_exported_exactly_once(vm, cfg)
             assert len(alerts()) == 1  # one alert per cause, not one per retry
+            resolved = query(cfg, "SELECT count(*) FROM events WHERE kind = 'alert.resolved'"
+                                  " AND rule = 'influxdb-export'")
+            assert resolved == [(1,)]  # and the operator hears that it is over
             assert daemon.stop() == 0
             assert TOKEN not in log.read_text(errors="replace")
         finally:
