@@ -7,6 +7,7 @@ packages that ``scripts/install-deps`` installs.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def mosquitto_user_line() -> str:
+    """mosquitto started as root drops to the `mosquitto` user, which cannot read the
+    test's private temp dirs (persistence, keys, password files): keep root there."""
+    return "user root" if os.geteuid() == 0 else ""
 
 
 def free_port() -> int:
@@ -68,6 +75,7 @@ class Mosquitto:
                     "max_inflight_messages 0",
                     "max_packet_size 1048576",
                     "log_dest none",
+                    mosquitto_user_line(),
                     "",
                 ]
             )
