@@ -87,6 +87,7 @@ class Intake:
         self._by_device = c.meter_for_device()
         self._configured = {m.id: m for m in c.meters}
         self._dirty: set[str] = set()
+        self._counts: dict[tuple[str, str], int] = {}  # metrics, added once per batch
         self._days = accounting.LocalDays(c.site.tz)
         self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
         self.store.register_meters(
@@ -140,6 +141,8 @@ class Intake:
         """Parse and account ``messages`` (no I/O except the redelivery look-up)."""
         batch = IntakeBatch()
         rep = BatchReport(messages=len(messages))
+        # counted here, not in paho's callback: the network thread is the bottleneck
+        self.metrics.messages_received.inc(len(messages))
         fps = [fingerprint(m.topic, m.payload) for m in messages]
         dup_fps = [fp for m, fp in zip(messages, fps, strict=True) if m.dup]
         already = self.store.seen(dup_fps) if dup_fps else set()
@@ -148,7 +151,7 @@ class Intake:
         for msg, fp in zip(messages, fps, strict=True):
             if msg.dup and (fp in already or fp in in_batch):
                 rep.duplicates += 1
-                self.metrics.readings.labels("-", "redelivery").inc()
+                self._count("-", "redelivery")
                 continue
             in_batch.add(fp)
             batch.fingerprints.append(fp)
@@ -181,13 +184,20 @@ class Intake:
                                   m.state.power_w if m.online else None, int(m.online),
                                   m.state.to_json())
         self._dirty.clear()
+        for (label, outcome), n in self._counts.items():
+            self.metrics.readings.labels(label, outcome).inc(n)
+        self._counts.clear()
         return batch, rep
+
+    def _count(self, fmt: str, outcome: str) -> None:
+        key = (fmt, outcome)
+        self._counts[key] = self._counts.get(key, 0) + 1
 
     def _apply(self, result: ParseResult, msg: Message, fmt: str, batch: IntakeBatch,
                rep: BatchReport) -> None:
         if result.ignored and not result.readings and not result.availability:
             rep.ignored += 1
-            self.metrics.readings.labels(fmt, "ignored").inc()
+            self._count(fmt, "ignored")
         for av in result.availability:
             self._availability(av, msg.received_at, fmt)
         for r in result.readings:
@@ -225,7 +235,7 @@ class Intake:
         since = out.increments[0].start_ts if out.increments else None
         batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,
                                r.current_a, ",".join(out.flags), since))
-        self.metrics.readings.labels(fmt, "accounted").inc()
+        self._count(fmt, "accounted")
         for inc in out.increments:
             for bucket, kwh in accounting.split_buckets(inc.start_ts, inc.end_ts, inc.kwh):
                 key = (m.id, bucket)
@@ -263,7 +273,7 @@ class Intake:
         batch.dead_letters.append((msg.received_at, msg.topic, reason, detail[:500],
                                    len(msg.payload), msg.payload[:DEAD_LETTER_KEEP_BYTES]))
         self.metrics.dead_letters.labels(reason).inc()
-        self.metrics.readings.labels(fmt, "dead_letter").inc()
+        self._count(fmt, "dead_letter")
 
     # ------------------------------------------------------------------ the loop
 

@@ -137,7 +137,6 @@ class MqttLink:
             return  # not acknowledged: the broker re-delivers it to our next session
         msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain),
                       bool(m.dup), m.mid)
-        self.metrics.messages_received.inc()
         if m.qos == 0:
             try:
                 self.sink.put_nowait(msg)

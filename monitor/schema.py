@@ -227,4 +227,15 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE readings ADD COLUMN since_ts REAL;
         """,
     ),
+    (
+        6,
+        """
+        -- redelivery fingerprints without the unique index: it made every commit
+        -- slower as the table grew (random 16-byte keys); the table is now trimmed
+        -- to the last 65,536 messages at every commit and scanned only when a
+        -- message arrives with the DUP flag
+        DROP TABLE msg_seen;
+        CREATE TABLE msg_seen (seq INTEGER PRIMARY KEY, fp BLOB NOT NULL);
+        """,
+    ),
 ]

@@ -220,7 +220,14 @@ class Service:
     def _export(self, final: bool = False) -> None:
         if self.exporter is None:
             return
-        result = self.exporter.flush(max_batches=50 if final else 10, ignore_backoff=final)
+        # keep flushing while there is more, up to one interval: a fixed number of
+        # batches per interval would cap export below a burst of ingest
+        assert self.config.influxdb is not None
+        budget_s = self.config.influxdb.flush_interval_s
+        started = time.monotonic()
+        result = self.exporter.flush(max_batches=10, ignore_backoff=final)
+        while result.ok and result.more and time.monotonic() - started < budget_s:
+            result = self.exporter.flush(max_batches=10, ignore_backoff=final)
         if result.ok and self.exporter.health.healthy:
             self._export_recovered()
 

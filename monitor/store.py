@@ -19,7 +19,9 @@ from pathlib import Path
 
 from monitor.schema import MIGRATIONS
 
-FINGERPRINTS_KEPT = 200_000  # > any number of messages that can be in flight unacknowledged
+# MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
+# once, so no older one can be re-delivered
+FINGERPRINTS_KEPT = 65_536
 
 
 class StoreError(Exception):
@@ -183,20 +185,20 @@ class Store:
                         "INSERT OR REPLACE INTO signals (topic, target_kw, until, received_at,"
                         " payload) VALUES (?,?,?,?,?)", b.signals)
                 if b.fingerprints:
-                    c.executemany("INSERT OR IGNORE INTO msg_seen (fp) VALUES (?)",
+                    c.executemany("INSERT INTO msg_seen (fp) VALUES (?)",
                                   [(fp,) for fp in b.fingerprints])
+                    c.execute("DELETE FROM msg_seen WHERE seq <= (SELECT max(seq) FROM msg_seen)"
+                              " - ?", (FINGERPRINTS_KEPT,))
         except sqlite3.Error as exc:
             raise StoreError(f"commit failed: {exc}") from exc
 
     def seen(self, fingerprints: Sequence[bytes]) -> set[bytes]:
-        """Which of these message fingerprints were committed recently."""
-        found: set[bytes] = set()
-        for i in range(0, len(fingerprints), 500):
-            chunk = list(fingerprints[i : i + 500])
-            marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.conn.execute(
-                f"SELECT fp FROM msg_seen WHERE fp IN ({marks})", chunk))
-        return found
+        """Which of these message fingerprints were committed recently.
+
+        One scan of the (small, unindexed) table: called only for batches that
+        hold messages with the DUP flag, i.e. after a reconnect."""
+        wanted = set(fingerprints)
+        return {r[0] for r in self.conn.execute("SELECT fp FROM msg_seen")} & wanted
 
     def register_meters(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Make configured meters (id, device, group) known before their first reading."""
@@ -283,7 +285,7 @@ class Store:
 
     def housekeeping(self, now: float, raw_retention_days: int,
                      keep_from_id: int | None = None) -> dict[str, int]:
-        """Drop raw data past retention and old fingerprints.  Never drops unexported
+        """Drop raw data past retention.  Never drops unexported
         readings (``keep_from_id``: the export cursor) or the ledger (it is the record)."""
         cutoff = now - raw_retention_days * 86400.0
         with self.transaction() as c:
@@ -293,7 +295,4 @@ class Store:
                 n = c.execute("DELETE FROM readings WHERE ts < ? AND id <= ?",
                               (cutoff, keep_from_id)).rowcount
             d = c.execute("DELETE FROM dead_letters WHERE received_at < ?", (cutoff,)).rowcount
-            top = c.execute("SELECT coalesce(max(seq), 0) FROM msg_seen").fetchone()[0]
-            f = c.execute("DELETE FROM msg_seen WHERE seq <= ?",
-                          (top - FINGERPRINTS_KEPT,)).rowcount
-        return {"readings": n, "dead_letters": d, "fingerprints": f}
+        return {"readings": n, "dead_letters": d}

@@ -332,7 +332,8 @@ class _Hook(BaseHTTPRequestHandler):
 def test_healthz_reports_webhook_events_waiting_too_long(
     broker: Mosquitto, tmp_path: Path
 ) -> None:
-    """A configured meter that never reports is announced at the first check; its event
+    """A configured meter that never reports is announced once it has been silent for
+    max_silence_s since the daemon started (the service's clock is moved on); its event
     cannot be delivered (nothing listens on the webhook's port).  Once the oldest
     undelivered event is older than 15 min (the service's clock is moved on, the
     wall clock is not) /healthz says so; when the endpoint answers it is healthy again."""
@@ -350,6 +351,7 @@ url = "http://127.0.0.1:{hook_port}/hook"
     skew = [0.0]
     svc = Service(config.load(cfg_path), clock=lambda: time.time() + skew[0])
     svc.start()
+    skew[0] = 700.0  # silent for longer than max_silence_s since the start
     server: ThreadingHTTPServer | None = None
     try:
         failed = ("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'"
@@ -358,7 +360,7 @@ url = "http://127.0.0.1:{hook_port}/hook"
         ((event_id,),) = query(cfg_path, "SELECT event_id FROM events WHERE kind = 'meter.stale'")
         wait_for(lambda: health(port) == (200, []), 30, what="healthy with a young backlog")
 
-        skew[0] = 1000.0
+        skew[0] = 1700.0
         wait_for(lambda: health(port)[0] == 503, 30, what="503 for an old backlog")
         _, reasons = health(port)
         assert any(r.startswith("webhooks:") for r in reasons), reasons
@@ -366,7 +368,7 @@ url = "http://127.0.0.1:{hook_port}/hook"
         _Hook.got.clear()
         server = ThreadingHTTPServer(("127.0.0.1", hook_port), _Hook)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        skew[0] = 1100.0  # past the retry back-off of the failed attempts
+        skew[0] = 1800.0  # past the retry back-off of the failed attempts
         wait_for(lambda: health(port) == (200, []), 30, what="healthy once delivered")
         assert _Hook.got == [event_id]
     finally:
