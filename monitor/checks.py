@@ -75,7 +75,10 @@ def build_snapshot(store: Store, config: Config, now: float,
         start, _end, _label = rules.period_bounds(period, now, tz)
         first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
         today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
-        totals = store.daily_totals(first, today)
+        if period == "calendar_day":
+            totals = store.daily_totals(first, today)
+        else:  # months and years: whole local months from the monthly rollup
+            totals = store.monthly_totals(first[:7], today[:7])
         period_kwh[period] = {m: v[0] for m, v in totals.items()}
         period_gap[period] = {m: v[1] for m, v in totals.items()}
     windows = {w: store.energy_between(now - w, now) for w in rules.windows_needed(config.rules)}

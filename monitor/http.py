@@ -51,8 +51,9 @@ class HttpServer:
                 path = self.path.split("?", 1)[0]
                 try:
                     if path == "/healthz":
+                        # SPEC: 200, or 503 with a JSON list of reasons ([] when healthy)
                         reasons = outer.health()
-                        body = json.dumps({"ok": not reasons, "reasons": reasons}).encode()
+                        body = json.dumps(reasons).encode()
                         self._send(503 if reasons else 200, body, "application/json")
                     elif path == "/metrics":
                         self._send(200, outer.metrics(),

@@ -238,4 +238,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE TABLE msg_seen (seq INTEGER PRIMARY KEY, fp BLOB NOT NULL);
         """,
     ),
+    (
+        7,
+        """
+        -- rollup of `daily` per local calendar month, kept in the same transaction:
+        -- a rule check reads one row per meter for a month and at most twelve for a
+        -- year, instead of every day of the year
+        CREATE TABLE monthly (
+            meter TEXT NOT NULL,
+            month TEXT NOT NULL,
+            kwh REAL NOT NULL DEFAULT 0,
+            gap_kwh REAL NOT NULL DEFAULT 0,
+            gap_s REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (month, meter)
+        ) WITHOUT ROWID;
+        INSERT INTO monthly (meter, month, kwh, gap_kwh, gap_s)
+            SELECT meter, substr(day, 1, 7), sum(kwh), sum(gap_kwh), sum(gap_s)
+            FROM daily GROUP BY meter, substr(day, 1, 7);
+        """,
+    ),
 ]

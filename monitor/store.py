@@ -151,6 +151,19 @@ class Store:
                         [(m, bkt, kwh) for (m, bkt), kwh in b.ledger.items()],
                     )
                 if b.daily:
+                    months: dict[tuple[str, str], list[float]] = {}
+                    for (m, d), v in b.daily.items():
+                        acc = months.setdefault((m, d[:7]), [0.0, 0.0, 0.0])
+                        acc[0] += v[0]
+                        acc[1] += v[1]
+                        acc[2] += v[2]
+                    c.executemany(
+                        "INSERT INTO monthly (meter, month, kwh, gap_kwh, gap_s)"
+                        " VALUES (?,?,?,?,?) ON CONFLICT (month, meter) DO UPDATE SET"
+                        " kwh = kwh + excluded.kwh, gap_kwh = gap_kwh + excluded.gap_kwh,"
+                        " gap_s = gap_s + excluded.gap_s",
+                        [(m, mo, v[0], v[1], v[2]) for (m, mo), v in months.items()],
+                    )
                     c.executemany(
                         "INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)"
                         " ON CONFLICT (day, meter) DO UPDATE SET kwh = kwh + excluded.kwh,"
@@ -216,6 +229,16 @@ class Store:
         ]
 
     # ------------------------------------------------------------------ queries
+
+    def monthly_totals(self, month_from: str, month_to: str) -> dict[str, tuple[float, float]]:
+        """kWh and gap upper bound per meter over local months ``[month_from, month_to]``
+        (``YYYY-MM``), from the monthly rollup."""
+        return {
+            m: (kwh, gap)
+            for m, kwh, gap in self.conn.execute(
+                "SELECT meter, sum(kwh), sum(gap_kwh) FROM monthly WHERE month BETWEEN ? AND ?"
+                " GROUP BY meter", (month_from, month_to))
+        }
 
     def daily_totals(self, day_from: str, day_to: str) -> dict[str, tuple[float, float]]:
         """kWh and gap upper bound per meter over local days ``[day_from, day_to]``."""

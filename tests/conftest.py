@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon import STARTED
 from tests.servers import Mosquitto, mosquitto
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_survives_its_test() -> Iterator[None]:
+    yield
+    while STARTED:
+        STARTED.pop().kill()
 
 
 @pytest.fixture

@@ -49,6 +49,11 @@ listen = "127.0.0.1:0"
     return path
 
 
+#: every daemon started by a test; the autouse fixture in conftest.py kills survivors,
+#: so a failing assertion never leaves a daemon running after its test
+STARTED: list[Daemon] = []
+
+
 class Daemon:
     """A daemon subprocess.  ``start()``, ``stop()`` (SIGTERM) or ``kill()`` (SIGKILL)."""
 
@@ -64,6 +69,7 @@ class Daemon:
             [sys.executable, "-m", "monitor", "run", "--config", str(self.config)],
             stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         fh.close()
+        STARTED.append(self)
         return self
 
     def stop(self, timeout_s: float = 30) -> int:
