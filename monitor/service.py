@@ -223,7 +223,8 @@ class Service:
         # keep flushing while there is more, up to one interval: a fixed number of
         # batches per interval would cap export below a burst of ingest
         assert self.config.influxdb is not None
-        budget_s = self.config.influxdb.flush_interval_s
+        # 80% of the interval: a run that overran would make the scheduler skip the next
+        budget_s = 0.8 * self.config.influxdb.flush_interval_s
         started = time.monotonic()
         result = self.exporter.flush(max_batches=10, ignore_backoff=final)
         while result.ok and result.more and time.monotonic() - started < budget_s:
