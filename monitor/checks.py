@@ -59,10 +59,13 @@ def build_snapshot(store: Store, config: Config, now: float,
     configured = {m.id: m for m in config.meters}
     default_interval = config.intake.expected_interval_s
     meters: dict[str, rules.MeterSnapshot] = {}
+    reported_until: dict[str, float] = {}  # fresh meters: the end of their accounted data
     for row in store.meters():
         mc = configured.get(row.id)
         interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
         fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
+        if fresh and row.last_seen is not None:
+            reported_until[row.id] = row.last_seen
         meters[row.id] = rules.MeterSnapshot(
             id=row.id, group=mc.group if mc else row.group,
             rated_kw=mc.rated_kw if mc else None,
@@ -81,7 +84,8 @@ def build_snapshot(store: Store, config: Config, now: float,
             totals = store.monthly_totals(first[:7], today[:7])
         period_kwh[period] = {m: v[0] for m, v in totals.items()}
         period_gap[period] = {m: v[1] for m, v in totals.items()}
-    windows = {w: store.energy_between(now - w, now) for w in rules.windows_needed(config.rules)}
+    windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported_until)
+               for w in rules.windows_needed(config.rules)}
     signals = {
         topic: rules.Signal(target_kw=kw if kw is not None else 0.0,
                             until=until if until is not None else 0.0, received_at=at)
@@ -90,6 +94,30 @@ def build_snapshot(store: Store, config: Config, now: float,
     }
     return rules.Snapshot(now=now, site=config.site, meters=meters, period_kwh=period_kwh,
                           period_gap_kwh=period_gap, window_kwh=windows, signals=signals)
+
+
+def _up_to_now(kwh: dict[str, float], window_s: float, now: float,
+               reported_until: dict[str, float]) -> dict[str, float]:
+    """Scale each fresh meter's window energy from the span its readings cover to the
+    whole window.
+
+    A meter's energy is accounted up to its last reading, so the last reporting
+    interval of a window is always missing: a Tasmota at its default 300 s
+    TelePeriod would read up to a third low over a 900 s power-cap window, and
+    a cap would breach late.  Only meters that are fresh (reported within twice
+    their interval) and cover at least half the window are scaled; a silent or
+    offline meter is never carried forward.
+    """
+    start = now - window_s
+    out = dict(kwh)
+    for meter, value in kwh.items():
+        until = reported_until.get(meter)
+        if until is None or not start < until < now:
+            continue
+        covered = until - start
+        if covered >= window_s / 2:
+            out[meter] = value * window_s / covered
+    return out
 
 
 class Checker:

@@ -6,8 +6,13 @@ import datetime as dt
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from monitor import config, rules
 from monitor.checks import build_snapshot
+from monitor.intake import Intake
+from monitor.metrics import Metrics
+from monitor.model import Message
 from monitor.store import IntakeBatch, Store
 
 CFG = """
@@ -74,4 +79,32 @@ limit_kwh = 10''')
     assert snap.period_kwh["calendar_year"] == {"never": 9.0}
     assert snap.period_kwh["calendar_day"] == {"never": 6.0}
     assert snap.period_gap_kwh["calendar_year"] == {"never": 2.0}
+    st.close()
+
+
+def test_window_energy_of_a_fresh_meter_is_scaled_to_the_whole_window(tmp_path: Path) -> None:
+    """A Tasmota at its default 300 s TelePeriod: the last interval before `now` has no
+    reading yet, so a 900 s power-cap window would read a third low without scaling."""
+    cfg = CFG.replace('''[[rules]]
+id = "silent"
+kind = "stale_data"
+max_silence_s = 60''', '''[[rules]]
+id = "pcap"
+kind = "power_cap"
+limit_kw = 5
+window_s = 900''')
+    c = config.parse(tomllib.loads(cfg))
+    st = Store(tmp_path / "m.db")
+    intake = Intake(c, st, Metrics())
+    now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC).timestamp()
+    msgs = [Message("x/never", f'{{"meter": "never", "ts": {now - 1000 + i * 300}, '
+                    f'"energy_kwh": {100 + i * 0.25}}}'.encode(), now, qos=0)
+            for i in range(4)]  # 3 kW; the last reading is 100 s before `now`
+    intake.handle(msgs)
+    snap = build_snapshot(st, c, now)
+    avg_kw = snap.window_kwh[900.0]["never"] / 900 * 3600
+    assert avg_kw == pytest.approx(3.0, rel=1e-6)
+    # a meter that went quiet is not carried forward
+    quiet = build_snapshot(st, c, now + 1000)
+    assert quiet.window_kwh[900.0].get("never", 0.0) < 0.25
     st.close()
