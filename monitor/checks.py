@@ -59,13 +59,14 @@ def build_snapshot(store: Store, config: Config, now: float,
     configured = {m.id: m for m in config.meters}
     default_interval = config.intake.expected_interval_s
     meters: dict[str, rules.MeterSnapshot] = {}
-    reported_until: dict[str, float] = {}  # fresh meters: the end of their accounted data
+    # fresh meters: the span of their accounted data (first reading .. last reading)
+    reported: dict[str, tuple[float, float]] = {}
     for row in store.meters():
         mc = configured.get(row.id)
         interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
         fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
         if fresh and row.last_seen is not None:
-            reported_until[row.id] = row.last_seen
+            reported[row.id] = (row.first_seen or row.last_seen, row.last_seen)
         meters[row.id] = rules.MeterSnapshot(
             id=row.id, group=mc.group if mc else row.group,
             rated_kw=mc.rated_kw if mc else None,
@@ -84,7 +85,7 @@ def build_snapshot(store: Store, config: Config, now: float,
             totals = store.monthly_totals(first[:7], today[:7])
         period_kwh[period] = {m: v[0] for m, v in totals.items()}
         period_gap[period] = {m: v[1] for m, v in totals.items()}
-    windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported_until)
+    windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported)
                for w in rules.windows_needed(config.rules)}
     signals = {
         topic: rules.Signal(target_kw=kw if kw is not None else 0.0,
@@ -97,7 +98,7 @@ def build_snapshot(store: Store, config: Config, now: float,
 
 
 def _up_to_now(kwh: dict[str, float], window_s: float, now: float,
-               reported_until: dict[str, float]) -> dict[str, float]:
+               reported: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Scale each fresh meter's window energy from the span its readings cover to the
     whole window.
 
@@ -106,15 +107,16 @@ def _up_to_now(kwh: dict[str, float], window_s: float, now: float,
     TelePeriod would read up to a third low over a 900 s power-cap window, and
     a cap would breach late.  Only meters that are fresh (reported within twice
     their interval) and cover at least half the window are scaled; a silent or
-    offline meter is never carried forward.
+    offline meter is never carried forward.  A meter first seen inside the
+    window covers only the span since then.
     """
     start = now - window_s
     out = dict(kwh)
     for meter, value in kwh.items():
-        until = reported_until.get(meter)
-        if until is None or not start < until < now:
+        span = reported.get(meter)
+        if span is None or not start < span[1] < now:
             continue
-        covered = until - start
+        covered = span[1] - max(start, span[0])
         if covered >= window_s / 2:
             out[meter] = value * window_s / covered
     return out

@@ -52,6 +52,7 @@ class _Meter:
     state: MeterState
     online: bool = True
     last_seen: float | None = None
+    first_seen: float | None = None
 
 
 @dataclass
@@ -180,7 +181,7 @@ class Intake:
             self._apply(result, msg, fmt, batch, rep)
         for meter_id in self._dirty:
             m = self._meters[meter_id]
-            batch.meters[m.id] = (m.device, m.group, m.format, m.last_seen,
+            batch.meters[m.id] = (m.device, m.group, m.format, m.first_seen, m.last_seen,
                                   m.state.power_w if m.online else None, int(m.online),
                                   m.state.to_json())
         self._dirty.clear()
@@ -231,6 +232,7 @@ class Intake:
             out.flags.append("retained")
         m.online = True
         m.last_seen = r.ts if m.last_seen is None else max(m.last_seen, r.ts)
+        m.first_seen = r.ts if m.first_seen is None else min(m.first_seen, r.ts)
         self._dirty.add(m.id)
         since = out.increments[0].start_ts if out.increments else None
         batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,

@@ -81,8 +81,9 @@ class IntakeBatch:
     gaps: list[tuple[str, float, float, float | None, str]] = field(default_factory=list)
     anomalies: list[tuple[str, float, str, float | None, str]] = field(default_factory=list)
     dead_letters: list[tuple[float, str, str, str, int, bytes]] = field(default_factory=list)
-    # meter -> (device, group, format, last_seen, power_w, online, acct_json)
-    meters: dict[str, tuple[str, str, str, float | None, float | None, int, str]] = field(
+    # meter -> (device, group, format, first_seen, last_seen, power_w, online, acct_json)
+    meters: dict[str, tuple[str, str, str, float | None, float | None, float | None, int,
+                            str]] = field(
         default_factory=dict
     )
     fingerprints: list[bytes] = field(default_factory=list)
@@ -185,10 +186,11 @@ class Store:
                 if b.meters:
                     c.executemany(
                         "INSERT INTO meters (id, device, grp, format, first_seen, last_seen,"
-                        " power_w, online, acct) VALUES (?1,?2,?3,?4,?5,?5,?6,?7,?8)"
+                        " power_w, online, acct) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
                         " ON CONFLICT (id) DO UPDATE SET device=excluded.device,"
                         " grp=excluded.grp, format=excluded.format,"
-                        " first_seen=coalesce(first_seen, excluded.first_seen),"
+                        " first_seen=min(coalesce(first_seen, excluded.first_seen),"
+                        " coalesce(excluded.first_seen, first_seen)),"
                         " last_seen=coalesce(excluded.last_seen, last_seen),"
                         " power_w=excluded.power_w, online=excluded.online, acct=excluded.acct",
                         [(k, *v) for k, v in b.meters.items()],
