@@ -107,6 +107,17 @@ class MeterRow:
     acct: str
 
 
+def _add_rollup(c: sqlite3.Connection, table: str, period_col: str,
+                rows: dict[tuple[str, str], list[float]]) -> None:
+    """Add ``(meter, period) -> [kwh, gap_kwh, gap_s]`` to the ``daily`` or ``monthly`` rollup."""
+    c.executemany(
+        f"INSERT INTO {table} (meter, {period_col}, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)"
+        f" ON CONFLICT ({period_col}, meter) DO UPDATE SET kwh = kwh + excluded.kwh,"
+        " gap_kwh = gap_kwh + excluded.gap_kwh, gap_s = gap_s + excluded.gap_s",
+        [(m, p, v[0], v[1], v[2]) for (m, p), v in rows.items()],
+    )
+
+
 class Store:
     """One connection to the store.  Not thread-safe: one instance per thread."""
 
@@ -158,19 +169,8 @@ class Store:
                         acc[0] += v[0]
                         acc[1] += v[1]
                         acc[2] += v[2]
-                    c.executemany(
-                        "INSERT INTO monthly (meter, month, kwh, gap_kwh, gap_s)"
-                        " VALUES (?,?,?,?,?) ON CONFLICT (month, meter) DO UPDATE SET"
-                        " kwh = kwh + excluded.kwh, gap_kwh = gap_kwh + excluded.gap_kwh,"
-                        " gap_s = gap_s + excluded.gap_s",
-                        [(m, mo, v[0], v[1], v[2]) for (m, mo), v in months.items()],
-                    )
-                    c.executemany(
-                        "INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)"
-                        " ON CONFLICT (day, meter) DO UPDATE SET kwh = kwh + excluded.kwh,"
-                        " gap_kwh = gap_kwh + excluded.gap_kwh, gap_s = gap_s + excluded.gap_s",
-                        [(m, d, v[0], v[1], v[2]) for (m, d), v in b.daily.items()],
-                    )
+                    _add_rollup(c, "monthly", "month", months)
+                    _add_rollup(c, "daily", "day", b.daily)
                 if b.gaps:
                     c.executemany(
                         "INSERT INTO gaps (meter, start_ts, end_ts, upper_kwh, reason)"
