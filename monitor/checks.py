@@ -132,6 +132,7 @@ class Checker:
         self.metrics = metrics
         self.actions = actions
         self.rules_by_id = {r.id: r for r in config.rules}
+        self._first_run = True
 
     def run(self, store: Store, now: float) -> CheckResult:
         snap = build_snapshot(store, self.config, now, self.started_at)
@@ -157,6 +158,8 @@ class Checker:
                          deliver="alert" in d.actions)
                     res.events += 1
                 res.orders += self._act(conn, v, drafts, now)
+                if self._first_run and prev is not None and not drafts:
+                    res.orders += self._enforce_standing_breach(conn, v, prev, now)
                 self.metrics.rule_state.labels(v.rule, v.scope).set(STATE_INT[v.state])
                 if v.ratio is not None:
                     self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
@@ -165,6 +168,7 @@ class Checker:
             current = {(v.rule, v.scope) for v in verdicts}
             for key in set(known) - current:
                 states.delete(*key)
+        self._first_run = False
         if self.actions is not None and res.orders:
             self.actions.publish_pending(store.conn)
         return res
@@ -178,6 +182,31 @@ class Checker:
         if not cleared and not set(wanted) & {"shutdown", "limit"}:
             return 0
         return len(self.actions.apply(conn, v, wanted, cleared, now))
+
+
+    def _enforce_standing_breach(self, conn: sqlite3.Connection, v: rules.Verdict,
+                                 prev: AlertState, now: float) -> int:
+        """At the first check after a start in live mode: a breach that began earlier
+        (in dry run, or before a crash) and was never acted on live gets its
+        ``on_breach`` orders now.  Without this, switching a commissioned site from
+        ``dry_run`` to ``live`` in the middle of a ban would never stop the load,
+        because orders fire only when a rule *enters* breach.  A breach that was
+        acted on live (even if an operator resumed since) is left alone."""
+        if self.actions is None or self.config.actions.mode != "live":
+            return 0
+        rule = self.rules_by_id[v.rule]
+        wanted = [a for a in rule.on_breach if a in ("shutdown", "limit")]
+        if v.state != "breach" or prev.state != "breach" or not wanted:
+            return 0
+        acted = conn.execute(
+            "SELECT 1 FROM orders WHERE rule = ? AND scope = ? AND dry_run = 0"
+            " AND action IN ('shutdown', 'limit') AND issued_at >= ? LIMIT 1",
+            (v.rule, v.scope, prev.since or 0.0)).fetchone()
+        if acted:
+            return 0
+        log.warning("rule %s on %s has been in breach since %s without a live order: "
+                    "ordering %s now", v.rule, v.scope, prev.since, "/".join(wanted))
+        return len(self.actions.apply(conn, v, wanted, False, now))
 
 
 def _transition(v: rules.Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
