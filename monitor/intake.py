@@ -73,7 +73,6 @@ class Intake:
     metrics: Metrics
     ack: Callable[[Sequence[Message]], None] = lambda msgs: None
     queue: queue.Queue[object] = field(default_factory=lambda: queue.Queue(maxsize=10000))
-    on_event: Callable[[str, dict[str, object]], None] = lambda kind, body: None
     _meters: dict[str, _Meter] = field(default_factory=dict, init=False)
     _parsers: list[Parser] = field(default_factory=list, init=False)
     _route: dict[str, int] = field(default_factory=dict, init=False)
@@ -217,9 +216,6 @@ class Intake:
         if not targets and av.device in self._by_device:
             targets = [self._meter(av.device, fmt)]
         for m in targets:
-            if m.online != av.online:
-                self.on_event("meter.recovered" if av.online else "meter.offline",
-                              {"meter": m.id, "at": at})
             m.online = av.online
             if not av.online:
                 accounting.mark_offline(m.state, at)

@@ -49,11 +49,6 @@ class Scheduler:
     def start(self) -> None:
         self.sched.start()
 
-    def run_now(self, job_id: str) -> None:
-        job = self.sched.get_job(job_id)
-        if job is not None:
-            job.modify(next_run_time=dt.datetime.now(self.sched.timezone))
-
     def shutdown(self) -> None:
         if self.sched.running:
             self.sched.shutdown(wait=True)

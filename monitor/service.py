@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monitor import __version__, audit, events
+from monitor import __version__, audit, events, webhooks
 from monitor import status as status_mod
 from monitor.actions import Actions
 from monitor.checks import Checker
@@ -39,6 +39,7 @@ EXPORT_ALERT_KEY = "export.alert"
 WEBHOOK_BACKLOG_TOO_OLD_S = 900.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
+WEBHOOK_ROWS_KEPT_S = 30 * 86400.0
 
 
 class _ExportMetrics:
@@ -262,6 +263,9 @@ class Service:
         if self.config.influxdb is not None:  # never delete what InfluxDB has not got yet
             keep_from = int(st.kv_get("export.readings", "0") or 0)
         res = st.housekeeping(self.clock(), self.config.storage.raw_retention_days, keep_from)
+        with st.transaction() as conn:  # delivered/undeliverable rows; the events stay
+            res["webhook_deliveries"] = webhooks.purge(
+                conn, self.clock() - WEBHOOK_ROWS_KEPT_S)
         log.info("housekeeping: %s", res)
 
     def _freshness(self) -> None:

@@ -89,10 +89,6 @@ class IntakeBatch:
     fingerprints: list[bytes] = field(default_factory=list)
     signals: list[tuple[str, float | None, float | None, float, str]] = field(default_factory=list)
 
-    def empty(self) -> bool:
-        return not (self.readings or self.dead_letters or self.meters or self.fingerprints
-                    or self.signals or self.gaps or self.anomalies)
-
 
 @dataclass(frozen=True)
 class MeterRow:
@@ -293,9 +289,6 @@ class Store:
     def kv_get(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else default
-
-    def kv_set(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
     def counts(self) -> dict[str, int]:
         q = {

@@ -13,6 +13,7 @@ from monitor.checks import build_snapshot
 from monitor.intake import Intake
 from monitor.metrics import Metrics
 from monitor.model import Message
+from monitor.service import Service
 from monitor.store import IntakeBatch, Store
 
 CFG = """
@@ -107,4 +108,22 @@ window_s = 900''')
     # a meter that went quiet is not carried forward
     quiet = build_snapshot(st, c, now + 1000)
     assert quiet.window_kwh[900.0].get("never", 0.0) < 0.25
+    st.close()
+
+
+def test_housekeeping_purges_old_finished_webhook_rows_and_keeps_pending(
+        tmp_path: Path) -> None:
+    c = config.parse(tomllib.loads(CFG + f'[storage]\npath = "{tmp_path / "m.db"}"\n'))
+    now = 1_790_000_000.0
+    svc = Service(c, clock=lambda: now)
+    st = Store(c.storage.path)
+    old = now - 40 * 86400
+    st.conn.executemany(
+        "INSERT INTO webhook_deliveries (event_id, webhook, state, next_at, created_at)"
+        " VALUES (?, 'w', ?, 0, ?)",
+        [("e1", "delivered", old), ("e2", "undeliverable", old), ("e3", "pending", old),
+         ("e4", "delivered", now - 3600)])
+    svc._housekeeping()
+    left = {r[0] for r in st.conn.execute("SELECT event_id FROM webhook_deliveries")}
+    assert left == {"e3", "e4"}
     st.close()
