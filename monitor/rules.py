@@ -235,16 +235,16 @@ class Verdict:
     kind: str
     scope: str
     state: State
-    level: float
-    value: float | None
-    limit: float | None
-    unit: str
-    ratio: float | None
-    projected: float | None
-    seconds_to_limit: float | None
-    period: str
     message: str
     meters: tuple[str, ...]
+    level: float = 0.0
+    value: float | None = None
+    limit: float | None = None
+    unit: str = ""
+    ratio: float | None = None
+    projected: float | None = None
+    seconds_to_limit: float | None = None
+    period: str = ""
     target_kw: float | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
 
@@ -506,9 +506,6 @@ def _power_cap(rule: PowerCapRule, snap: Snapshot) -> Verdict:
         limit=limit,
         unit="kW",
         ratio=ratio,
-        projected=None,
-        seconds_to_limit=None,
-        period="",
         message=message,
         meters=idx.members(rule.scope),
         # ordering the scope to exactly the limit would never let the breach clear
@@ -625,8 +622,6 @@ def _ban_window(rule: BanWindowRule, snap: Snapshot) -> Verdict:
         value=power,
         limit=limit,
         unit="kW",
-        ratio=None,
-        projected=None,
         seconds_to_limit=to_limit,
         period=span.label if span is not None else "",
         message=message,
@@ -695,10 +690,6 @@ def _stale_data(rule: StaleDataRule, snap: Snapshot, caps: Sequence[Verdict]) ->
         value=value,
         limit=rule.max_silence_s,
         unit="s",
-        ratio=None,
-        projected=None,
-        seconds_to_limit=None,
-        period="",
         message=message,
         meters=members,
         target_kw=0.0 if state == "breach" else None,
@@ -738,9 +729,6 @@ def _curtailment(rule: CurtailmentRule, snap: Snapshot) -> Verdict:
         limit=limit,
         unit="kW",
         ratio=ratio,
-        projected=None,
-        seconds_to_limit=None,
-        period="",
         message=message,
         meters=idx.members(rule.scope),
         target_kw=limit,
@@ -784,12 +772,8 @@ def _reconcile(rule: ReconcileRule, snap: Snapshot) -> Verdict:
         limit=rule.tolerance,
         unit="fraction",
         ratio=ratio,
-        projected=None,
-        seconds_to_limit=None,
-        period="",
         message=message,
         meters=members,
-        target_kw=None,
         detail=detail,
     )
 
@@ -823,14 +807,6 @@ def _not_in_effect(rule: AnyRule, snap: Snapshot) -> Verdict:
         kind=rule.kind,
         scope=scope,
         state="ok",
-        level=0.0,
-        value=None,
-        limit=None,
-        unit="",
-        ratio=None,
-        projected=None,
-        seconds_to_limit=None,
-        period="",
         message=f"not in effect on {idx.today.isoformat()} (effective {since}..{until})",
         meters=idx.members(scope),
         detail={"in_effect": False},
