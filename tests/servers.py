@@ -41,6 +41,18 @@ def wait_port(port: int, timeout_s: float = 15.0,
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float = 30) -> None:
+    """Terminate a service process and wait for it; kill it if it does not go."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def find_binary(name: str, *extra: str) -> str:
     for cand in (shutil.which(name), *extra):
         if cand and Path(cand).exists():
@@ -89,13 +101,7 @@ class Mosquitto:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
     def __enter__(self) -> Mosquitto:

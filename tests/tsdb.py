@@ -34,18 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers import find_binary, free_port, wait_port
-
-
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+from tests.servers import find_binary, free_port, stop_process, wait_port
 
 
 def _http(method: str, url: str, body: bytes | None = None,
@@ -134,7 +123,7 @@ class VM:
 
     def stop(self) -> None:
         """SIGTERM: VictoriaMetrics flushes what it buffered to disk before exiting."""
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     @property
@@ -277,7 +266,7 @@ class Influx1:
         return self
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     def write(self, lines: Iterable[str]) -> None:
