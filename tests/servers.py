@@ -12,9 +12,9 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 
 def mosquitto_user_line() -> str:
@@ -60,8 +60,26 @@ def find_binary(name: str, *extra: str) -> str:
     raise RuntimeError(f"{name} is not installed: run scripts/install-deps (as root)")
 
 
+class ServiceProcess:
+    """A service a test starts and stops; ``with service as s:`` starts it and always
+    stops it."""
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class Mosquitto:
+class Mosquitto(ServiceProcess):
     """A private mosquitto broker.  ``stop()``/``start()`` keep the same port and persistence."""
 
     workdir: Path
@@ -104,18 +122,7 @@ class Mosquitto:
         stop_process(self.proc)
         self.proc = None
 
-    def __enter__(self) -> Mosquitto:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def mosquitto(workdir: Path, port: int = 0, max_queued: int = 0) -> Iterator[Mosquitto]:
-    broker = Mosquitto(workdir, port=port, max_queued=max_queued)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+def mosquitto(workdir: Path, port: int = 0, max_queued: int = 0) -> Mosquitto:
+    """``with mosquitto(dir) as broker:`` -- started, and stopped at the end."""
+    return Mosquitto(workdir, port=port, max_queued=max_queued)

@@ -29,12 +29,12 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers import find_binary, free_port, stop_process, wait_port
+from tests.servers import ServiceProcess, find_binary, free_port, stop_process, wait_port
 
 
 def _http(method: str, url: str, body: bytes | None = None,
@@ -81,7 +81,7 @@ class Series:
 
 
 @dataclass
-class VM:
+class VM(ServiceProcess):
     """A private single-node VictoriaMetrics.  ``stop()``/``start()`` keep port and data."""
 
     workdir: Path
@@ -169,21 +169,10 @@ class VM:
             out.append(Series(name, labels, [t for t, _ in samples], [v for _, v in samples]))
         return out
 
-    def __enter__(self) -> VM:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def victoria_metrics(workdir: Path, **kw: Any) -> Iterator[VM]:
-    vm = VM(workdir, **kw)
-    vm.start()
-    try:
-        yield vm
-    finally:
-        vm.stop()
+def victoria_metrics(workdir: Path, **kw: Any) -> VM:
+    """``with victoria_metrics(dir) as vm:`` -- started, and stopped at the end."""
+    return VM(workdir, **kw)
 
 
 # --------------------------------------------------------------------------- InfluxDB 1.x
@@ -194,7 +183,7 @@ class InfluxQLError(RuntimeError):
 
 
 @dataclass
-class Influx1:
+class Influx1(ServiceProcess):
     """A private InfluxDB 1.x (Debian ships 1.6) with one database, ``database``.
 
     Only the HTTP API listens (on a free loopback port); the RPC bind-address
@@ -298,21 +287,10 @@ class Influx1:
             series.extend(result.get("series", []))
         return series
 
-    def __enter__(self) -> Influx1:
-        return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@contextlib.contextmanager
-def influxdb1(workdir: Path, **kw: Any) -> Iterator[Influx1]:
-    db = Influx1(workdir, **kw)
-    db.start()
-    try:
-        yield db
-    finally:
-        db.stop()
+def influxdb1(workdir: Path, **kw: Any) -> Influx1:
+    """``with influxdb1(dir) as db:`` -- started, and stopped at the end."""
+    return Influx1(workdir, **kw)
 
 
 # --------------------------------------------------------------------------- fault injection
