@@ -27,7 +27,14 @@ from monitor import accounting
 from monitor.accounting import MeterParams, MeterState
 from monitor.config import Config, CurtailmentRule
 from monitor.metrics import Metrics
-from monitor.model import Availability, Message, ParseError, ParseResult, Reading
+from monitor.model import (
+    Availability,
+    Message,
+    ParseError,
+    ParseResult,
+    Reading,
+    TsSource,
+)
 from monitor.parsers import Parser, make_parser
 from monitor.rules import parse_signal
 from monitor.store import IntakeBatch, Store, StoreError
@@ -232,7 +239,8 @@ class Intake:
         self._dirty.add(m.id)
         since = out.increments[0].start_ts if out.increments else None
         batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,
-                               r.current_a, ",".join(out.flags), since))
+                               r.current_a, ",".join(out.flags), since,
+                               r.device_ts if r.ts_source is TsSource.RECEIVED else None))
         self._count(fmt, "accounted")
         for inc in out.increments:
             for bucket, kwh in accounting.split_buckets(inc.start_ts, inc.end_ts, inc.kwh):

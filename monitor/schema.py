@@ -257,4 +257,12 @@ MIGRATIONS: list[tuple[int, str]] = [
             FROM daily GROUP BY meter, substr(day, 1, 7);
         """,
     ),
+    (
+        8,
+        """
+        -- the device's own clock when it was not trusted for `ts` (a Tasmota "Time"
+        -- without an offset, a 1970 date): kept as evidence, never used for accounting
+        ALTER TABLE readings ADD COLUMN device_ts REAL;
+        """,
+    ),
 ]

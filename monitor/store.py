@@ -72,9 +72,11 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
 class IntakeBatch:
     """Everything one intake batch writes.  Built by the intake worker, committed whole."""
 
-    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags, since_ts)
+    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags, since_ts,
+    #  device_ts)
     readings: list[tuple[str, float, float | None, float | None, float, float | None,
-                         float | None, str, float | None]] = field(default_factory=list)
+                         float | None, str, float | None, float | None]] = field(
+        default_factory=list)
     ledger: dict[tuple[str, int], float] = field(default_factory=dict)
     # (meter, day) -> [kwh, gap_kwh, gap_s]
     daily: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -149,7 +151,8 @@ class Store:
                 if b.readings:
                     c.executemany(
                         "INSERT INTO readings (meter, ts, power_w, energy_kwh, delta_kwh,"
-                        " voltage_v, current_a, flags, since_ts) VALUES (?,?,?,?,?,?,?,?,?)",
+                        " voltage_v, current_a, flags, since_ts, device_ts)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
                         b.readings,
                     )
                 if b.ledger:
