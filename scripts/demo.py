@@ -88,7 +88,7 @@ events = ["*"]
          "--truth", str(DATA / "truth.json")],
         cwd=ROOT, stdout=(DATA / "simulate.log").open("w"), stderr=subprocess.STDOUT)
     print("simulator publishing 8 meters in 8 device formats (demo-data/simulate.log)")
-    print("rule demo-hall-b-daily caps hall-b at 0.5 kWh/day: expect a warning, a breach,")
+    print("rule demo-hall-b-daily caps hall-b at 0.3 kWh/day: expect a warning, a breach,")
     print("a shutdown order the simulated devices obey, and its confirmation.  Ctrl-C stops.\n")
 
     stop = threading.Event()
