@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_KEEP_BYTES = 1024
 STOP = object()  # queue sentinel: drain what came before, then return
+NO_SOURCE, SIGNAL = -1, -2  # routes other than a [[sources]] index
 
 
 def fingerprint(topic: str, payload: bytes) -> bytes:
@@ -130,19 +131,23 @@ class Intake:
 
     # ------------------------------------------------------------------ processing
 
-    def _source_of(self, topic: str) -> int | None:
+    def _route_of(self, topic: str) -> int:
+        """Cached per topic: ``SIGNAL`` for a curtailment topic, the index of the first
+        matching ``[[sources]]`` entry, or ``NO_SOURCE``."""
         idx = self._route.get(topic)
         if idx is None:
-            for i, s in enumerate(self.config.sources):
-                if topic_matches_sub(s.topic, topic):
-                    idx = i
-                    break
+            idx = NO_SOURCE
+            if any(topic_matches_sub(t, topic) for t in self._signal_topics):
+                idx = SIGNAL
             else:
-                idx = -1
+                for i, s in enumerate(self.config.sources):
+                    if topic_matches_sub(s.topic, topic):
+                        idx = i
+                        break
             if len(self._route) > 200_000:
                 self._route.clear()
             self._route[topic] = idx
-        return None if idx < 0 else idx
+        return idx
 
     def process(self, messages: Sequence[Message]) -> tuple[IntakeBatch, BatchReport]:
         """Parse and account ``messages`` (no I/O except the redelivery look-up)."""
@@ -162,11 +167,11 @@ class Intake:
                 continue
             in_batch.add(fp)
             batch.fingerprints.append(fp)
-            if any(topic_matches_sub(t, msg.topic) for t in self._signal_topics):
+            src = self._route_of(msg.topic)
+            if src == SIGNAL:
                 self._signal(msg, batch, rep)
                 continue
-            src = self._source_of(msg.topic)
-            if src is None:
+            if src == NO_SOURCE:
                 self._dead(batch, rep, msg, "unknown_topic", "no [[sources]] entry matches")
                 continue
             fmt = self.config.sources[src].format
