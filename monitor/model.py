@@ -3,6 +3,15 @@
 Everything here is an immutable value; no module-level state.  Units are in the
 names: ``power_w`` in watts, ``energy_kwh`` in kilowatt-hours, ``ts`` in Unix
 seconds (UTC, float).
+
+What the values mean (the ledger depends on it):
+
+* ``energy_kwh`` is the *imported active* energy counter only.  Exported
+  energy is ``export_kwh``; reactive (kvarh) and apparent (kVAh) energy, daily
+  and yesterday totals and sums of phases are never consumption and are never
+  put in a :class:`Reading` (a parser skips them with a counted reason).
+* ``power_w`` is signed net active power: negative means the channel produces
+  (exports).  Production never counts as load.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ class Reading:
     ``device`` is the device id the parser derives from the topic (SPEC: e.g.
     ``tasmota/pow7``, ``shelly/shellypro3em-ab12:a``).  The meter id is resolved
     later from the ``[[meters]]`` table.  At least one of ``power_w`` and
-    ``energy_kwh`` is set (a parser never emits a reading with neither).
+    ``energy_kwh`` or ``export_kwh`` is set (a parser never emits a reading with none).
     """
 
     device: str
@@ -41,6 +50,7 @@ class Reading:
     ts_source: TsSource = TsSource.RECEIVED
     power_w: float | None = None
     energy_kwh: float | None = None
+    export_kwh: float | None = None  # exported active energy counter (net metering)
     energy_scope: EnergyScope = EnergyScope.LIFETIME
     voltage_v: float | None = None
     current_a: float | None = None
@@ -59,16 +69,23 @@ class Availability:
 
 @dataclass(frozen=True, slots=True)
 class ParseResult:
-    """What one MQTT message yields: readings, availability changes, or nothing.
+    """What one MQTT message yields: readings, availability changes, or an ignored outcome.
 
-    ``ignored`` is set for messages a parser recognises as harmless noise for
-    energy accounting (a Shelly ``announce``, a Tasmota ``STATE`` without
-    energy); they are neither readings nor dead letters.
+    ``ignored`` is the reason (a short stable token, a metric label) when a
+    parser recognises the whole message as carrying nothing to account (a
+    Shelly ``announce``, a Tasmota ``STATE``, an export-only sensor); such a
+    message is neither readings nor a dead letter, and it is counted by reason.
+    ``skipped`` lists the reasons for values *inside* a message that were not
+    read (an export or reactive counter beside the import one, a negative
+    counter on one channel of three): they are counted too, and never cost the
+    message's other values.  A result with no readings, no availability and no
+    ``ignored`` reason is a parser bug; the intake dead-letters it.
     """
 
     readings: tuple[Reading, ...] = ()
     availability: tuple[Availability, ...] = ()
-    ignored: bool = False
+    ignored: str = ""
+    skipped: tuple[str, ...] = ()
 
 
 class ParseError(ValueError):

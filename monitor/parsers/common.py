@@ -33,7 +33,7 @@ REASONS: dict[str, str] = {
 }
 
 #: A message that is recognised and harmless: neither readings nor a dead letter.
-IGNORED = ParseResult(ignored=True)
+IGNORED = ParseResult(ignored="no_energy")
 
 #: 2000-01-01T00:00:00Z.  A device time before it means the clock was never set.
 MIN_DEVICE_TS = 946_684_800.0
