@@ -50,13 +50,13 @@ class Reading:
     ts_source: TsSource = TsSource.RECEIVED
     power_w: float | None = None
     energy_kwh: float | None = None
-    export_kwh: float | None = None  # exported active energy counter (net metering)
     energy_scope: EnergyScope = EnergyScope.LIFETIME
     voltage_v: float | None = None
     current_a: float | None = None
     device_ts: float | None = None  # the device's own (possibly wrong) clock, kept for audit
     seq: int | None = None
     estimated: bool = False  # power modelled by firmware, not measured
+    export_kwh: float | None = None  # exported active energy counter (net metering)
 
 
 @dataclass(frozen=True, slots=True)
