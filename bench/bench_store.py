@@ -104,13 +104,13 @@ def fill(db: Path, meters: int, now: float, days: int = DAYS, seed: int = 1) -> 
             c.executemany(
                 "INSERT INTO meters (id, device, grp, format, first_seen, last_seen, power_w,"
                 " online, acct) VALUES (?,?,?,?,?,?,?,?,?)", meter_rows())
-            c.executemany("INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s)"
-                          " VALUES (?,?,?,?,?)", daily_rows())
+            c.executemany("INSERT INTO daily (meter, day, mwh, gap_kwh, gap_s)"
+                          " VALUES (?,?,round(? * 1e6),?,?)", daily_rows())
             # the monthly rollup the intake keeps beside `daily` (migration 7)
-            c.execute("INSERT INTO monthly (meter, month, kwh, gap_kwh, gap_s)"
-                      " SELECT meter, substr(day, 1, 7), sum(kwh), sum(gap_kwh), sum(gap_s)"
+            c.execute("INSERT INTO monthly (meter, month, mwh, gap_kwh, gap_s)"
+                      " SELECT meter, substr(day, 1, 7), sum(mwh), sum(gap_kwh), sum(gap_s)"
                       " FROM daily GROUP BY meter, substr(day, 1, 7)")
-            c.executemany("INSERT INTO ledger (meter, bucket, kwh) VALUES (?,?,?)",
+            c.executemany("INSERT INTO ledger (meter, bucket, mwh) VALUES (?,?,round(? * 1e6))",
                           ledger_rows())
             c.execute("INSERT INTO signals (topic, target_kw, until, received_at, payload)"
                       " VALUES ('grid/curtail', 0, ?, ?, '{}')", (now + 600, now - 60))

@@ -162,6 +162,20 @@ class IntakeConfig(_Model):
     max_gap_s: float = Field(900.0, gt=0)  # power is integrated only across gaps up to this
     expected_interval_s: float = Field(300.0, gt=0)  # default for meters' staleness
     jitter_kwh: float = Field(0.002, ge=0)  # counter drops this small are noise, not resets
+    # the maximum power of a meter without rated_kw (auto-discovered ones included): a
+    # counter step or a reset value above it x elapsed time is not counted
+    unrated_max_kw: float = Field(1000.0, gt=0)
+    # device clocks: a device time further ahead of the receipt time, or older, is
+    # replaced by the receipt time (anomaly clock_ahead / clock_too_old)
+    max_clock_ahead_s: float = Field(120.0, ge=0)
+    max_clock_behind_s: float = Field(7 * 86400.0, gt=0)
+    # devices that no [[meters]] entry names: read as their own meter (up to the limit),
+    # or refused (dead letter unconfigured_device) when false
+    allow_unconfigured: bool = True
+    max_unconfigured_meters: int = Field(20000, ge=0)
+    # Home Assistant MQTT discovery configs (retained, published by ESPHome and
+    # Zigbee2MQTT) declare each sensor's class and unit; "" to ignore them
+    discovery_prefix: str = "homeassistant"
 
 
 ControlKind = Literal["tasmota", "shelly_gen1", "shelly_gen2", "zigbee2mqtt", "json"]

@@ -37,7 +37,7 @@ from monitor.model import (
 )
 from monitor.parsers import Parser, make_parser
 from monitor.rules import parse_signal
-from monitor.store import IntakeBatch, Store, StoreError
+from monitor.store import IntakeBatch, Rollup, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class BatchReport:
     dead_letters: int = 0
     duplicates: int = 0
     ignored: int = 0
+    skipped: int = 0
 
 
 @dataclass
@@ -98,22 +99,31 @@ class Intake:
         self._counts: dict[tuple[str, str], int] = {}  # metrics, added once per batch
         self._days = accounting.LocalDays(c.site.tz)
         self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
+        self._clock = accounting.ClockBounds(c.intake.max_clock_ahead_s,
+                                             c.intake.max_clock_behind_s)
+        #: device id -> the [[sources]] entry it was first read from (collision check)
+        self._device_source: dict[str, int] = {}
+        self._unconfigured = 0
         self.store.register_meters(
             (m.id, m.devices[0], m.group) for m in c.meters)
         for row in self.store.meters():
             self._meters[row.id] = self._new_meter(row.id, row.device, row.format,
                                                    MeterState.from_json(row.acct),
                                                    row.online, row.last_seen)
+            if row.id not in self._configured:
+                self._unconfigured += 1
 
     # ------------------------------------------------------------------ meters
 
     def _new_meter(self, meter_id: str, device: str, fmt: str, state: MeterState,
                    online: bool = True, last_seen: float | None = None) -> _Meter:
         mc = self._configured.get(meter_id)
+        ic = self.config.intake
         params = MeterParams(
             rated_kw=mc.rated_kw if mc else None,
-            max_gap_s=self.config.intake.max_gap_s,
-            jitter_kwh=self.config.intake.jitter_kwh,
+            max_gap_s=ic.max_gap_s,
+            jitter_kwh=ic.jitter_kwh,
+            unrated_max_kw=ic.unrated_max_kw,
         )
         return _Meter(meter_id, device, mc.group if mc else "", fmt, params, state, online,
                       last_seen)
@@ -125,9 +135,38 @@ class Intake:
         if m is None:
             m = self._new_meter(meter_id, device, fmt, MeterState())
             self._meters[meter_id] = m
+            if mc is None:
+                self._unconfigured += 1
         if not m.format:
             m.format = fmt
         return m
+
+    def _refuse_device(self, device: str, src: int) -> tuple[str, str] | None:
+        """Why a reading of ``device`` from source ``src`` cannot be accounted, if so."""
+        # a parser's ids are injective over every topic of its format (the whole
+        # variable part of the topic); only two formats can claim one id
+        first = self._device_source.setdefault(device, src)
+        if first != src:
+            a, b = self.config.sources[first], self.config.sources[src]
+            if a.format != b.format:
+                return ("device_id_collision",
+                        f"device id {device!r} is already read as {a.format} from "
+                        f"[[sources]] {a.topic!r}; this {b.format} topic matches "
+                        f"{b.topic!r}: give the devices distinct names")
+        if device in self._by_device:
+            return None
+        if self._meters.get(device) is not None:
+            return None
+        ic = self.config.intake
+        if not ic.allow_unconfigured:
+            return ("unconfigured_device",
+                    f"no [[meters]] entry names device {device!r} and "
+                    "intake.allow_unconfigured is false")
+        if self._unconfigured >= ic.max_unconfigured_meters:
+            return ("too_many_meters",
+                    f"{self._unconfigured} unconfigured meters already "
+                    f"(intake.max_unconfigured_meters); configure {device!r} in [[meters]]")
+        return None
 
     # ------------------------------------------------------------------ processing
 
@@ -189,32 +228,66 @@ class Intake:
                 log.exception("parser %s failed on %s", fmt, msg.topic)
                 self._dead(batch, rep, msg, "parser_error", repr(exc)[:200], fmt)
                 continue
-            self._apply(result, msg, fmt, batch, rep)
+            self._apply(result, msg, src, batch, rep)
         for meter_id in self._dirty:
             m = self._meters[meter_id]
+            # the load: production (negative power) is never load
+            load = max(m.state.power_w, 0.0) if m.online and m.state.power_w is not None \
+                else None
             batch.meters[m.id] = (m.device, m.group, m.format, m.first_seen, m.last_seen,
-                                  m.state.power_w if m.online else None, int(m.online),
-                                  m.state.to_json())
+                                  load, int(m.online), m.state.to_json())
         self._dirty.clear()
         for (label, outcome), n in self._counts.items():
             self.metrics.readings.labels(label, outcome).inc(n)
         self._counts.clear()
+        for (outcome, reason, label), n in batch.outcomes.items():
+            self.metrics.outcomes.labels(outcome, reason, label).inc(n)
         return batch, rep
 
     def _count(self, fmt: str, outcome: str) -> None:
         key = (fmt, outcome)
         self._counts[key] = self._counts.get(key, 0) + 1
 
-    def _apply(self, result: ParseResult, msg: Message, fmt: str, batch: IntakeBatch,
+    def _outcome(self, batch: IntakeBatch, outcome: str, reason: str, fmt: str) -> None:
+        key = (outcome, reason, fmt)
+        batch.outcomes[key] = batch.outcomes.get(key, 0) + 1
+
+    def _apply(self, result: ParseResult, msg: Message, src: int, batch: IntakeBatch,
                rep: BatchReport) -> None:
-        if result.ignored and not result.readings and not result.availability:
-            rep.ignored += 1
-            self._count(fmt, "ignored")
+        fmt = self.config.sources[src].format
+        for reason in result.skipped:
+            rep.skipped += 1
+            self._outcome(batch, "skipped", reason, fmt)
+        if not result.readings and not result.availability:
+            if result.ignored:
+                rep.ignored += 1
+                self._count(fmt, "ignored")
+                self._outcome(batch, "ignored", result.ignored, fmt)
+            else:  # a parser must say why it read nothing; never let it vanish
+                self._dead(batch, rep, msg, "no_measurement",
+                           "the message holds no value this format reads"
+                           + (f" (skipped: {', '.join(result.skipped)})" if result.skipped
+                              else ""), fmt)
+            return
+        refused: tuple[str, str] | None = None
+        accepted = []
+        for r in result.readings:
+            why = self._refuse_device(r.device, src)
+            if why is None:
+                accepted.append(r)
+            else:
+                refused = why
+        if refused is not None and not accepted:
+            self._dead(batch, rep, msg, refused[0], refused[1], fmt)
+            return
         for av in result.availability:
             self._availability(av, msg.received_at, fmt)
-        for r in result.readings:
+        for r in accepted:
             self._reading(r, msg, fmt, batch)
             rep.readings += 1
+        if refused is not None:  # some channels of the message refused, others read
+            rep.skipped += 1
+            self._outcome(batch, "skipped", refused[0], fmt)
 
     def _availability(self, av: Availability, at: float, fmt: str) -> None:
         # channels ("shelly/x:0") and ESPHome sensors ("esphome/node/power") of the device
@@ -233,11 +306,34 @@ class Intake:
                 accounting.mark_offline(m.state, at)
             self._dirty.add(m.id)
 
+    def _rollup(self, batch: IntakeBatch, meter: str, bucket: int) -> Rollup:
+        dkey = (meter, self._days.day(bucket))
+        row = batch.daily.get(dkey)
+        if row is None:
+            row = batch.daily[dkey] = Rollup()
+        return row
+
     def _reading(self, r: Reading, msg: Message, fmt: str, batch: IntakeBatch) -> None:
         m = self._meter(r.device, fmt)
+        r, clock = accounting.bound_clock(r, msg.received_at, self._clock)
+        if clock:
+            batch.anomalies.append((m.id, r.ts, clock, r.device_ts,
+                                    f"device time {r.device_ts} received at {msg.received_at}"))
+            self.metrics.anomalies.labels(clock).inc()
+        if m.state.last_ts is not None and m.state.last_ts > msg.received_at + \
+                self._clock.max_ahead_s:
+            # the state holds a time from a clock that was never bounded (an older
+            # version stored it): start the meter's clock again, keep its counter
+            batch.anomalies.append((m.id, r.ts, "clock_reset", m.state.last_ts,
+                                    "stored time was in the future"))
+            self.metrics.anomalies.labels("clock_reset").inc()
+            m.state.last_ts = m.state.counter_ts = m.state.power_ts = None
+            m.state.anchor_ts, m.state.export_ts = None, None
         out = accounting.apply(m.state, r, m.params, msg.retain)
         if msg.retain:
             out.flags.append("retained")
+        if clock:
+            out.flags.append(clock)
         m.online = True
         m.last_seen = r.ts if m.last_seen is None else max(m.last_seen, r.ts)
         m.first_seen = r.ts if m.first_seen is None else min(m.first_seen, r.ts)
@@ -245,26 +341,26 @@ class Intake:
         since = out.increments[0].start_ts if out.increments else None
         batch.readings.append((m.id, r.ts, r.power_w, r.energy_kwh, out.delta_kwh, r.voltage_v,
                                r.current_a, ",".join(out.flags), since,
-                               r.device_ts if r.ts_source is TsSource.RECEIVED else None))
+                               r.device_ts if r.ts_source is TsSource.RECEIVED else None,
+                               r.export_kwh))
         self._count(fmt, "accounted")
         for inc in out.increments:
-            for bucket, kwh in accounting.split_buckets(inc.start_ts, inc.end_ts, inc.kwh):
+            mwh = accounting.book_mwh(m.state, inc.kwh)
+            for bucket, part in accounting.split_mwh(inc.start_ts, inc.end_ts, mwh):
                 key = (m.id, bucket)
-                batch.ledger[key] = batch.ledger.get(key, 0.0) + kwh
-                dkey = (m.id, self._days.day(bucket))
-                row = batch.daily.get(dkey)
-                if row is None:
-                    batch.daily[dkey] = [kwh, 0.0, 0.0]
-                else:
-                    row[0] += kwh
+                batch.ledger[key] = batch.ledger.get(key, 0) + part
+                self._rollup(batch, m.id, bucket).mwh += part
+        if out.export_delta_kwh > 0:
+            bucket = int(r.ts // accounting.BUCKET_S) * accounting.BUCKET_S
+            self._rollup(batch, m.id, bucket).export_mwh += round(
+                out.export_delta_kwh * accounting.MWH_PER_KWH)
         for g in out.gaps:
             batch.gaps.append((m.id, g.start_ts, g.end_ts, g.upper_kwh, g.reason))
             span = g.end_ts - g.start_ts
             for bucket, share in accounting.split_buckets(g.start_ts, g.end_ts, 1.0):
-                dkey = (m.id, self._days.day(bucket))
-                row = batch.daily.setdefault(dkey, [0.0, 0.0, 0.0])
-                row[1] += (g.upper_kwh or 0.0) * share
-                row[2] += span * share
+                row = self._rollup(batch, m.id, bucket)
+                row.gap_kwh += (g.upper_kwh or 0.0) * share
+                row.gap_s += span * share
         for a in out.anomalies:
             batch.anomalies.append((m.id, a.ts, a.kind, a.value, a.detail))
             self.metrics.anomalies.labels(a.kind).inc()

@@ -17,6 +17,9 @@ class Metrics:
                                     ["reason"], registry=r)
         self.anomalies = Counter(p + "anomalies", "Counter resets, quarantined increments...",
                                  ["kind"], registry=r)
+        self.outcomes = Counter(p + "intake_outcomes",
+                                "Messages ignored and values skipped, by reason (never silent)",
+                                ["outcome", "reason", "format"], registry=r)
         self.messages_received = Counter(p + "mqtt_messages_received",
                                          "MQTT messages received", registry=r)
         self.queue_dropped = Counter(p + "queue_dropped",

@@ -57,7 +57,7 @@ from monitor.config import (
     StaleDataRule,
 )
 from monitor.rules import AnyRule, ban_spans, in_effect, matches_site
-from monitor.store import Store, StoreError
+from monitor.store import Store, StoreError, to_kwh
 
 FORMATS = ("json", "csv", "html")
 FORMAT_VERSION = 1
@@ -302,33 +302,43 @@ def _label_covers(label: str, day: dt.date) -> bool:
 class _Energy:
     """Per-meter per-day kWh and gap upper bounds of the month (from ``daily``)."""
 
-    def __init__(self, rows: Iterable[tuple[str, str, float, float, float]]) -> None:
-        self.kwh: dict[str, dict[str, float]] = {}
+    def __init__(self, rows: Iterable[tuple[str, str, int, float, float]]) -> None:
+        self.mwh: dict[str, dict[str, int]] = {}  # whole mWh at rest: sums are exact
         self.gap_kwh: dict[str, dict[str, float]] = {}
         self.gap_s: dict[str, float] = {}
-        for meter, day, kwh, gap_kwh, gap_s in rows:
-            self.kwh.setdefault(meter, {})[day] = float(kwh)
+        for meter, day, mwh, gap_kwh, gap_s in rows:
+            self.mwh.setdefault(meter, {})[day] = int(mwh)
             self.gap_kwh.setdefault(meter, {})[day] = float(gap_kwh)
             self.gap_s[meter] = self.gap_s.get(meter, 0.0) + float(gap_s)
 
     @property
     def meters(self) -> set[str]:
-        return set(self.kwh)
+        return set(self.mwh)
 
     def day(self, meter: str, day: str) -> float:
-        return self.kwh.get(meter, {}).get(day, 0.0)
+        return to_kwh(self.mwh.get(meter, {}).get(day, 0))
 
     def total(self, meters: Iterable[str], days: Iterable[str] | None = None,
               gaps: bool = False) -> float:
-        """kWh (or, with ``gaps``, gap upper bounds) of ``meters`` over ``days`` (all)."""
-        src = self.gap_kwh if gaps else self.kwh
+        """kWh (or, with ``gaps``, gap upper bounds) of ``meters`` over ``days`` (all).
+
+        Energy is an exact integer sum of mWh converted once, so it equals what the
+        check and ``status`` read from the same rows to the last digit."""
         wanted = None if days is None else list(days)
+        if not gaps:
+            mwh = 0
+            for m in set(meters):
+                per = self.mwh.get(m)
+                if per:
+                    mwh += sum(per.values()) if wanted is None else sum(
+                        per.get(d, 0) for d in wanted)
+            return to_kwh(mwh)
         out = 0.0
         for m in sorted(set(meters)):  # a fixed order: float sums, hence digests, reproduce
-            per = src.get(m)
-            if per:
-                out += sum(per.values()) if wanted is None else sum(
-                    per.get(d, 0.0) for d in wanted)
+            gp = self.gap_kwh.get(m)
+            if gp:
+                out += sum(gp.values()) if wanted is None else sum(
+                    gp.get(d, 0.0) for d in wanted)
         return out
 
 
@@ -455,12 +465,12 @@ def _year_to_date(store: Store, meter_ids: Sequence[str] | None,
         return 0.0, 0.0
     ids = list(meter_ids or ())
     where = f" AND meter IN ({','.join('?' * len(ids))})" if meter_ids is not None else ""
-    kwh, gap = store.conn.execute(
-        "SELECT coalesce(sum(kwh), 0), coalesce(sum(gap_kwh), 0) FROM daily"
+    mwh, gap = store.conn.execute(
+        "SELECT coalesce(sum(mwh), 0), coalesce(sum(gap_kwh), 0) FROM daily"
         f" WHERE day BETWEEN ? AND ?{where}",
         (f"{pb.first_day.year:04d}-01-01", pb.last_day.isoformat(), *ids),
     ).fetchone()
-    return float(kwh), float(kwh) + float(gap)
+    return to_kwh(mwh), to_kwh(mwh) + float(gap)
 
 
 def _peak_15min(store: Store, meter_ids: Sequence[str],
@@ -470,13 +480,13 @@ def _peak_15min(store: Store, meter_ids: Sequence[str],
         return 0.0, None
     marks = ",".join("?" * len(meter_ids))
     row = store.conn.execute(
-        f"SELECT bucket, sum(kwh) AS e FROM ledger WHERE bucket >= ? AND bucket < ?"
+        f"SELECT bucket, sum(mwh) AS e FROM ledger WHERE bucket >= ? AND bucket < ?"
         f" AND meter IN ({marks}) GROUP BY bucket ORDER BY e DESC, bucket LIMIT 1",
         (pb.start_ts, pb.end_ts, *meter_ids),
     ).fetchone()
     if row is None or row[1] <= 0:
         return 0.0, None
-    return round(float(row[1]) * 3600.0 / BUCKET_S, 6), float(row[0])
+    return round(to_kwh(row[1]) * 3600.0 / BUCKET_S, 6), float(row[0])
 
 
 # --------------------------------------------------------------------------- audit
@@ -545,7 +555,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
     conn = store.conn
     days = [d.isoformat() for d in pb.days]
     energy = _Energy(conn.execute(
-        "SELECT meter, day, kwh, gap_kwh, gap_s FROM daily WHERE day BETWEEN ? AND ?"
+        "SELECT meter, day, mwh, gap_kwh, gap_s FROM daily WHERE day BETWEEN ? AND ?"
         " ORDER BY day, meter", (days[0], days[-1])))
     meters = _meters(store, config, pb, energy.meters)
     assess_end = min(pb.end_ts, max(now, pb.start_ts))

@@ -33,6 +33,7 @@ from functools import cached_property
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+from monitor.accounting import MWH_PER_KWH
 from monitor.config import (
     BanWindowRule,
     CurtailmentRule,
@@ -175,15 +176,19 @@ class ScopeIndex:
             return float(mapping.get(name, 0.0))
         cached = self._sums.get(id(mapping))
         if cached is None:
-            total = 0.0
-            by_group: dict[str, float] = {}
+            # summed as whole mWh (the ledger's unit), so the total does not depend on
+            # the order of the meters and equals the report's sum of the same rows
+            total = 0
+            by_group: dict[str, int] = {}
             group_of = self.group_of
             for mid, value in mapping.items():
-                total += value
+                mwh = round(value * MWH_PER_KWH)
+                total += mwh
                 g = group_of.get(mid)
                 if g:
-                    by_group[g] = by_group.get(g, 0.0) + value
-            cached = (mapping, total, by_group)
+                    by_group[g] = by_group.get(g, 0) + mwh
+            cached = (mapping, total / MWH_PER_KWH,
+                      {g: v / MWH_PER_KWH for g, v in by_group.items()})
             self._sums[id(mapping)] = cached
         return cached[1] if kind == "site" else cached[2].get(name, 0.0)
 

@@ -1,7 +1,9 @@
 """Numbered SQLite migrations.  Applied in order by :func:`monitor.store.migrate`, each
 recorded in ``schema_migrations``; never edit a released migration, append a new one.
 
-Times are Unix seconds (REAL, UTC).  Energy is kWh, power W.
+Times are Unix seconds (REAL, UTC).  Power is W.  Energy at rest in the ledger and
+its rollups is whole milliwatt-hours (INTEGER ``mwh`` columns, since migration 9), so
+every sum of them is exact; raw readings keep the device's kWh as REAL.
 """
 
 from __future__ import annotations
@@ -263,6 +265,77 @@ MIGRATIONS: list[tuple[int, str]] = [
         -- the device's own clock when it was not trusted for `ts` (a Tasmota "Time"
         -- without an offset, a 1970 date): kept as evidence, never used for accounting
         ALTER TABLE readings ADD COLUMN device_ts REAL;
+        """,
+    ),
+    (
+        9,
+        """
+        -- energy at rest as whole milliwatt-hours: the check, `status` and the report add
+        -- the same integers and agree to the last digit (REAL sums depended on the order)
+        CREATE TABLE ledger_mwh (
+            meter TEXT NOT NULL,
+            bucket INTEGER NOT NULL,
+            mwh INTEGER NOT NULL,
+            PRIMARY KEY (meter, bucket)
+        ) WITHOUT ROWID;
+        INSERT INTO ledger_mwh SELECT meter, bucket, CAST(round(kwh * 1000000) AS INTEGER)
+            FROM ledger;
+        DROP TABLE ledger;
+        ALTER TABLE ledger_mwh RENAME TO ledger;
+        CREATE INDEX ledger_bucket ON ledger (bucket);
+
+        CREATE TABLE daily_mwh (
+            meter TEXT NOT NULL,
+            day TEXT NOT NULL,
+            mwh INTEGER NOT NULL DEFAULT 0,
+            export_mwh INTEGER NOT NULL DEFAULT 0,
+            gap_kwh REAL NOT NULL DEFAULT 0,
+            gap_s REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, meter)
+        ) WITHOUT ROWID;
+        INSERT INTO daily_mwh (meter, day, mwh, gap_kwh, gap_s)
+            SELECT meter, day, CAST(round(kwh * 1000000) AS INTEGER), gap_kwh, gap_s FROM daily;
+        DROP TABLE daily;
+        ALTER TABLE daily_mwh RENAME TO daily;
+
+        CREATE TABLE monthly_mwh (
+            meter TEXT NOT NULL,
+            month TEXT NOT NULL,
+            mwh INTEGER NOT NULL DEFAULT 0,
+            export_mwh INTEGER NOT NULL DEFAULT 0,
+            gap_kwh REAL NOT NULL DEFAULT 0,
+            gap_s REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (month, meter)
+        ) WITHOUT ROWID;
+        INSERT INTO monthly_mwh (meter, month, mwh, gap_kwh, gap_s)
+            SELECT meter, substr(day, 1, 7), sum(mwh), sum(gap_kwh), sum(gap_s)
+            FROM daily GROUP BY meter, substr(day, 1, 7);
+        DROP TABLE monthly;
+        ALTER TABLE monthly_mwh RENAME TO monthly;
+
+        -- the exported active energy counter of net-metering meters (never consumption)
+        ALTER TABLE readings ADD COLUMN export_kwh REAL;
+
+        -- messages and values the intake did not turn into readings nor dead letters,
+        -- by outcome ('ignored': whole messages, 'skipped': values inside a message) and
+        -- reason: nothing a device sent vanishes uncounted
+        CREATE TABLE intake_outcomes (
+            outcome TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            format TEXT NOT NULL,
+            n INTEGER NOT NULL DEFAULT 0,
+            last_at REAL,
+            PRIMARY KEY (outcome, reason, format)
+        ) WITHOUT ROWID;
+
+        -- one row per notice raised about a meter (meter.unknown): raised once
+        CREATE TABLE meter_notices (
+            meter TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (meter, kind)
+        ) WITHOUT ROWID;
+        CREATE INDEX anomalies_ts ON anomalies (ts);
         """,
     ),
 ]

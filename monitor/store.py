@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.accounting import MWH_PER_KWH
 from monitor.schema import MIGRATIONS
 
 # MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
@@ -73,13 +74,16 @@ class IntakeBatch:
     """Everything one intake batch writes.  Built by the intake worker, committed whole."""
 
     # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags, since_ts,
-    #  device_ts)
+    #  device_ts, export_kwh)
     readings: list[tuple[str, float, float | None, float | None, float, float | None,
-                         float | None, str, float | None, float | None]] = field(
+                         float | None, str, float | None, float | None, float | None]] = field(
         default_factory=list)
-    ledger: dict[tuple[str, int], float] = field(default_factory=dict)
-    # (meter, day) -> [kwh, gap_kwh, gap_s]
-    daily: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # (meter, bucket) -> whole mWh
+    ledger: dict[tuple[str, int], int] = field(default_factory=dict)
+    # (meter, day) -> Rollup
+    daily: dict[tuple[str, str], Rollup] = field(default_factory=dict)
+    # (outcome 'ignored' | 'skipped', reason, format) -> count
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
     gaps: list[tuple[str, float, float, float | None, str]] = field(default_factory=list)
     anomalies: list[tuple[str, float, str, float | None, str]] = field(default_factory=list)
     dead_letters: list[tuple[float, str, str, str, int, bytes]] = field(default_factory=list)
@@ -90,6 +94,27 @@ class IntakeBatch:
     )
     fingerprints: list[bytes] = field(default_factory=list)
     signals: list[tuple[str, float | None, float | None, float, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Rollup:
+    """What a batch adds to one (meter, day) or (meter, month) rollup row."""
+
+    mwh: int = 0
+    export_mwh: int = 0
+    gap_kwh: float = 0.0
+    gap_s: float = 0.0
+
+    def add(self, other: Rollup) -> None:
+        self.mwh += other.mwh
+        self.export_mwh += other.export_mwh
+        self.gap_kwh += other.gap_kwh
+        self.gap_s += other.gap_s
+
+
+def to_kwh(mwh: int | float | None) -> float:
+    """Whole mWh at rest -> kWh at the edge (one division, the same everywhere)."""
+    return (mwh or 0) / MWH_PER_KWH
 
 
 @dataclass(frozen=True)
@@ -106,13 +131,14 @@ class MeterRow:
 
 
 def _add_rollup(c: sqlite3.Connection, table: str, period_col: str,
-                rows: dict[tuple[str, str], list[float]]) -> None:
-    """Add ``(meter, period) -> [kwh, gap_kwh, gap_s]`` to the ``daily`` or ``monthly`` rollup."""
+                rows: dict[tuple[str, str], Rollup]) -> None:
+    """Add ``(meter, period) -> Rollup`` to the ``daily`` or ``monthly`` rollup."""
     c.executemany(
-        f"INSERT INTO {table} (meter, {period_col}, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)"
-        f" ON CONFLICT ({period_col}, meter) DO UPDATE SET kwh = kwh + excluded.kwh,"
+        f"INSERT INTO {table} (meter, {period_col}, mwh, export_mwh, gap_kwh, gap_s)"
+        f" VALUES (?,?,?,?,?,?) ON CONFLICT ({period_col}, meter) DO UPDATE SET"
+        " mwh = mwh + excluded.mwh, export_mwh = export_mwh + excluded.export_mwh,"
         " gap_kwh = gap_kwh + excluded.gap_kwh, gap_s = gap_s + excluded.gap_s",
-        [(m, p, v[0], v[1], v[2]) for (m, p), v in rows.items()],
+        [(m, p, v.mwh, v.export_mwh, v.gap_kwh, v.gap_s) for (m, p), v in rows.items()],
     )
 
 
@@ -146,28 +172,29 @@ class Store:
 
     def commit_batch(self, b: IntakeBatch) -> None:
         """Write one intake batch in one transaction.  Raises :class:`StoreError`."""
+        now = time.time()
         try:
             with self.transaction() as c:
                 if b.readings:
                     c.executemany(
                         "INSERT INTO readings (meter, ts, power_w, energy_kwh, delta_kwh,"
-                        " voltage_v, current_a, flags, since_ts, device_ts)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        " voltage_v, current_a, flags, since_ts, device_ts, export_kwh)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                         b.readings,
                     )
                 if b.ledger:
                     c.executemany(
-                        "INSERT INTO ledger (meter, bucket, kwh) VALUES (?,?,?)"
-                        " ON CONFLICT (meter, bucket) DO UPDATE SET kwh = kwh + excluded.kwh",
-                        [(m, bkt, kwh) for (m, bkt), kwh in b.ledger.items()],
+                        "INSERT INTO ledger (meter, bucket, mwh) VALUES (?,?,?)"
+                        " ON CONFLICT (meter, bucket) DO UPDATE SET mwh = mwh + excluded.mwh",
+                        [(m, bkt, v) for (m, bkt), v in b.ledger.items()],
                     )
                 if b.daily:
-                    months: dict[tuple[str, str], list[float]] = {}
+                    months: dict[tuple[str, str], Rollup] = {}
                     for (m, d), v in b.daily.items():
-                        acc = months.setdefault((m, d[:7]), [0.0, 0.0, 0.0])
-                        acc[0] += v[0]
-                        acc[1] += v[1]
-                        acc[2] += v[2]
+                        acc = months.get((m, d[:7]))
+                        if acc is None:
+                            acc = months[(m, d[:7])] = Rollup()
+                        acc.add(v)
                     _add_rollup(c, "monthly", "month", months)
                     _add_rollup(c, "daily", "day", b.daily)
                 if b.gaps:
@@ -198,6 +225,12 @@ class Store:
                     c.executemany(
                         "INSERT OR REPLACE INTO signals (topic, target_kw, until, received_at,"
                         " payload) VALUES (?,?,?,?,?)", b.signals)
+                if b.outcomes:
+                    c.executemany(
+                        "INSERT INTO intake_outcomes (outcome, reason, format, n, last_at)"
+                        " VALUES (?,?,?,?,?) ON CONFLICT (outcome, reason, format) DO UPDATE"
+                        " SET n = n + excluded.n, last_at = excluded.last_at",
+                        [(o, r, f, n, now) for (o, r, f), n in b.outcomes.items()])
                 if b.fingerprints:
                     c.executemany("INSERT INTO msg_seen (fp) VALUES (?)",
                                   [(fp,) for fp in b.fingerprints])
@@ -235,18 +268,18 @@ class Store:
         """kWh and gap upper bound per meter over local months ``[month_from, month_to]``
         (``YYYY-MM``), from the monthly rollup."""
         return {
-            m: (kwh, gap)
-            for m, kwh, gap in self.conn.execute(
-                "SELECT meter, sum(kwh), sum(gap_kwh) FROM monthly WHERE month BETWEEN ? AND ?"
+            m: (to_kwh(mwh), gap)
+            for m, mwh, gap in self.conn.execute(
+                "SELECT meter, sum(mwh), sum(gap_kwh) FROM monthly WHERE month BETWEEN ? AND ?"
                 " GROUP BY meter", (month_from, month_to))
         }
 
     def daily_totals(self, day_from: str, day_to: str) -> dict[str, tuple[float, float]]:
         """kWh and gap upper bound per meter over local days ``[day_from, day_to]``."""
         return {
-            m: (kwh, gap)
-            for m, kwh, gap in self.conn.execute(
-                "SELECT meter, sum(kwh), sum(gap_kwh) FROM daily WHERE day BETWEEN ? AND ?"
+            m: (to_kwh(mwh), gap)
+            for m, mwh, gap in self.conn.execute(
+                "SELECT meter, sum(mwh), sum(gap_kwh) FROM daily WHERE day BETWEEN ? AND ?"
                 " GROUP BY meter", (day_from, day_to))
         }
 
@@ -265,8 +298,8 @@ class Store:
             return self._energy_from_readings(start_ts, end_ts)
         first = int(start_ts // bucket_s) * bucket_s
         out: dict[str, float] = {}
-        for meter, bucket, kwh in self.conn.execute(
-            "SELECT meter, bucket, kwh FROM ledger WHERE bucket >= ? AND bucket < ?",
+        for meter, bucket, mwh in self.conn.execute(
+            "SELECT meter, bucket, mwh FROM ledger WHERE bucket >= ? AND bucket < ?",
             (first, end_ts),
         ):
             lo, hi = max(bucket, start_ts), min(bucket + bucket_s, end_ts)
@@ -274,7 +307,7 @@ class Store:
                 continue
             span = min(bucket_s, end_ts - bucket)
             share = 1.0 if hi - lo >= span else (hi - lo) / span
-            out[meter] = out.get(meter, 0.0) + kwh * share
+            out[meter] = out.get(meter, 0.0) + to_kwh(mwh) * share
         return out
 
     def _energy_from_readings(self, start_ts: float, end_ts: float) -> dict[str, float]:
@@ -288,6 +321,21 @@ class Store:
             {"start": start_ts, "end": end_ts},
         )
         return {str(m): float(kwh) for m, kwh in rows}
+
+    def outcomes(self) -> dict[str, dict[str, int]]:
+        """``{'ignored': {reason: n}, 'skipped': {reason: n}}`` since the store was made."""
+        out: dict[str, dict[str, int]] = {"ignored": {}, "skipped": {}}
+        for outcome, reason, n in self.conn.execute(
+                "SELECT outcome, reason, sum(n) FROM intake_outcomes GROUP BY outcome, reason"
+                " ORDER BY outcome, reason"):
+            out.setdefault(str(outcome), {})[str(reason)] = int(n)
+        return out
+
+    def anomaly_counts(self, since_ts: float = 0.0) -> dict[str, int]:
+        """Anomalies recorded since ``since_ts`` by kind."""
+        return {str(k): int(n) for k, n in self.conn.execute(
+            "SELECT kind, count(*) FROM anomalies WHERE ts >= ? GROUP BY kind ORDER BY kind",
+            (since_ts,))}
 
     def kv_get(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()

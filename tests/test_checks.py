@@ -14,7 +14,7 @@ from monitor.intake import Intake
 from monitor.metrics import Metrics
 from monitor.model import Message
 from monitor.service import Service
-from monitor.store import IntakeBatch, Store
+from monitor.store import IntakeBatch, Rollup, Store
 
 CFG = """
 [site]
@@ -71,7 +71,7 @@ limit_kwh = 10''')
     for i, (day, kwh) in enumerate(days.items()):  # one batch each, and one twice
         for _ in range(2 if i == 3 else 1):
             b = IntakeBatch()
-            b.daily[("never", day)] = [kwh, 0.5, 10.0]
+            b.daily[("never", day)] = Rollup(round(kwh * 1e6), 0, 0.5, 10.0)
             st.commit_batch(b)
     assert st.monthly_totals("2026-11", "2026-11") == {"never": (8.0, 1.5)}
     now = dt.datetime(2026, 11, 27, 12, tzinfo=dt.UTC).timestamp()

@@ -446,6 +446,9 @@ class Site:
         self.cfg = write_config(tmp / "d.toml", broker.port, f"""
 {simulate.config_snippet(self.fleet, rated_kw=False)}
 
+[intake]
+unrated_max_kw = 1e12
+
 [schedule]
 check_interval_s = 1
 

@@ -104,7 +104,7 @@ def test_malformed_payloads_are_dead_lettered_and_good_readings_still_count(
                           "ORDER BY id")
         assert [(r[0], r[1]) for r in rows] == [(b[1], b[3]) for b in BAD]
         assert all(r[3] <= 1024 for r in rows)  # the first bytes are kept, not the whole
-        kwh = query(cfg, "SELECT sum(kwh) FROM ledger WHERE meter = 'good'")[0][0]
+        kwh = query(cfg, "SELECT sum(mwh) / 1e6 FROM ledger WHERE meter = 'good'")[0][0]
         assert kwh == pytest.approx(len(BAD) * 0.5)
         # the counters are visible as metrics-ready totals in the store and status
         assert len({r[1] for r in rows}) >= 10

@@ -143,7 +143,7 @@ def test_healthz_follows_the_broker_and_intake_resumes_after_it_returns(
             send(pub, "rack-07", seq, 100.0 + seq / 10)
         stop_client(pub)
         wait_for(lambda: committed(cfg, "rack-07") == 7, 30, what="readings after the outage")
-        kwh = query(cfg, "SELECT sum(kwh) FROM ledger WHERE meter = 'rack-07'")[0][0]
+        kwh = query(cfg, "SELECT sum(mwh) / 1e6 FROM ledger WHERE meter = 'rack-07'")[0][0]
         assert kwh == pytest.approx(0.6)
         assert daemon.stop() == 0
     finally:
@@ -302,7 +302,7 @@ def test_locked_store_holds_readings_unacknowledged_and_commits_them_once(
         wait_for(lambda: health(port) == (200, []), 30, what="healthy after the lock")
         rows = query(cfg_path, "SELECT count(*), count(DISTINCT ts) FROM readings")
         assert rows == [(n + 1, n + 1)], "each reading exactly once"
-        kwh = query(cfg_path, "SELECT sum(kwh) FROM ledger")[0][0]
+        kwh = query(cfg_path, "SELECT sum(mwh) / 1e6 FROM ledger")[0][0]
         assert kwh == pytest.approx(n * 0.01)
         assert svc.metrics.messages_received._value.get() - received0 == n
     finally:

@@ -272,7 +272,7 @@ url = "{receiver.url}"
                    for *_, b in got)
         period = dt.datetime.now(ZoneInfo(midday_zone())).date().isoformat()
         assert {b["period"] for *_, b in got} == {period}
-        kwh = query(cfg, "SELECT sum(kwh) FROM ledger")[0][0]
+        kwh = query(cfg, "SELECT sum(mwh) / 1e6 FROM ledger")[0][0]
         assert kwh == pytest.approx(21 * 0.06)
 
         state = query(cfg, "SELECT state, level FROM alert_state WHERE rule = 'day-cap'")

@@ -85,7 +85,7 @@ format = "json"
                 pub.publish("m/a", json.dumps(body), qos=1).wait_for_publish(10)
             wait_for(lambda: query(cfg, "SELECT count(*) FROM readings")[0][0] == 5, 30,
                      what="readings over TLS")
-            assert query(cfg, "SELECT sum(kwh) FROM ledger")[0][0] == pytest.approx(0.4)
+            assert query(cfg, "SELECT sum(mwh) / 1e6 FROM ledger")[0][0] == pytest.approx(0.4)
             pub.disconnect()
             pub.loop_stop()
             assert daemon.stop() == 0

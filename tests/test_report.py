@@ -86,8 +86,8 @@ def insert_meter(st: Store, mid: str, group: str, first_seen: float | None,
 
 def insert_daily(st: Store, meter: str, day: str, kwh: float, gap_kwh: float = 0.0,
                  gap_s: float = 0.0) -> None:
-    st.conn.execute("INSERT INTO daily (meter, day, kwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)",
-                    (meter, day, kwh, gap_kwh, gap_s))
+    st.conn.execute("INSERT INTO daily (meter, day, mwh, gap_kwh, gap_s) VALUES (?,?,?,?,?)",
+                    (meter, day, round(kwh * 1e6), gap_kwh, gap_s))
 
 
 def insert_event(st: Store, n: int, kind: str, severity: str, rule: str, at: float,
@@ -140,9 +140,11 @@ def irk(tmp_path: Path) -> Iterator[tuple[Store, Config]]:
          ("rack-07", t(2026, 10, 31, 23), "reset", 1.0, "October, local time")])
     # the site's largest 15-minute bucket in November: 3 kWh -> 12 kW; a bigger one in December
     st.conn.executemany(
-        "INSERT INTO ledger (meter, bucket, kwh) VALUES (?,?,?)",
-        [("rack-07", int(t(2026, 11, 12, 3)), 2.0), ("rack-08", int(t(2026, 11, 12, 3)), 1.0),
-         ("rack-07", int(t(2026, 11, 12, 4)), 0.5), ("rack-07", int(t(2026, 12, 2)), 9.0)])
+        "INSERT INTO ledger (meter, bucket, mwh) VALUES (?,?,?)",
+        [("rack-07", int(t(2026, 11, 12, 3)), 2_000_000),
+         ("rack-08", int(t(2026, 11, 12, 3)), 1_000_000),
+         ("rack-07", int(t(2026, 11, 12, 4)), 500_000),
+         ("rack-07", int(t(2026, 12, 2)), 9_000_000)])
     insert_event(st, 1, "alert.firing", "critical", "monthly-cap", t(2026, 10, 28),
                  period="2026-10", value=3001.0, limit=3000.0, unit="kWh",
                  message="monthly limit reached: 3001 of 3000 kWh in 2026-10")
