@@ -29,6 +29,11 @@ def month_bounds(now: float, config: Config) -> tuple[str, str, str]:
     return first.isoformat(), (nxt - dt.timedelta(days=1)).isoformat(), first.strftime("%Y-%m")
 
 
+def _month_start(now: float, config: Config) -> float:
+    local = dt.datetime.fromtimestamp(now, config.site.tz)
+    return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
 def build(store: Store, config: Config, now: float) -> dict[str, Any]:
     """The status document.  ``now`` is injected so the output is reproducible."""
     first, last, label = month_bounds(now, config)
@@ -77,4 +82,8 @@ def build(store: Store, config: Config, now: float) -> dict[str, Any]:
         "meters": meters,
         "rules": rules,
         "dead_letters": store.counts()["dead_letters"],
+        # ledger anomalies of the month by kind (counter_backwards, meter_replaced,
+        # quarantine, clock_ahead, ...) and what the intake ignored or skipped, by reason
+        "anomalies": store.anomaly_counts(_month_start(now, config)),
+        "intake": store.outcomes(),
     }
