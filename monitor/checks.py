@@ -28,6 +28,7 @@ from monitor.store import Store
 log = logging.getLogger(__name__)
 
 STATE_INT = {"ok": 0, "warning": 1, "breach": 2}
+MAX_UNKNOWN_EVENTS = 20  # meter.unknown events per check
 
 
 class OrderSink(Protocol):
@@ -163,6 +164,7 @@ class Checker:
                 self.metrics.rule_state.labels(v.rule, v.scope).set(STATE_INT[v.state])
                 if v.ratio is not None:
                     self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
+            res.events += self._unknown_meters(conn, now)
             # a rule removed from the config (or no longer matching the site) leaves
             # no stale state behind in `status`
             current = {(v.rule, v.scope) for v in verdicts}
@@ -172,6 +174,36 @@ class Checker:
         if self.actions is not None and res.orders:
             self.actions.publish_pending(store.conn)
         return res
+
+    def _unknown_meters(self, conn: sqlite3.Connection, now: float) -> int:
+        """``meter.unknown`` once per device that reported but no ``[[meters]]`` entry names.
+
+        Such a meter is read (``intake.allow_unconfigured``) but sits outside every
+        group cap and has no control topic, so a new rig must be noticed.  At most
+        ``MAX_UNKNOWN_EVENTS`` per check; the rest are noticed by the next checks."""
+        configured = [m.id for m in self.config.meters]
+        marks = ",".join("?" * len(configured))
+        rows = conn.execute(
+            "SELECT id, device, format, first_seen FROM meters WHERE first_seen IS NOT NULL"
+            f"{f' AND id NOT IN ({marks})' if configured else ''}"
+            " AND id NOT IN (SELECT meter FROM meter_notices WHERE kind = 'meter.unknown')"
+            " ORDER BY first_seen, id LIMIT ?", (*configured, MAX_UNKNOWN_EVENTS + 1)).fetchall()
+        if not rows:
+            return 0
+        shown = rows[:MAX_UNKNOWN_EVENTS]
+        deliver = self.config.intake.allow_unconfigured
+        for mid, device, fmt, first in shown:
+            msg = (f"unknown device {device} ({fmt}) is reporting as meter {mid}, outside "
+                   "every group and without a control topic: add it to [[meters]]")
+            log.warning("meter.unknown meter=%s device=%s format=%s", mid, device, fmt)
+            emit(conn, self.config, {
+                "kind": "meter.unknown", "severity": "warning", "rule": "",
+                "scope": f"meter:{mid}", "message": msg, "value": None, "limit": None,
+                "unit": "", "period": "", "projected": None, "first_seen": first}, now,
+                deliver=deliver)
+        conn.executemany("INSERT OR IGNORE INTO meter_notices (meter, kind, at)"
+                         " VALUES (?, 'meter.unknown', ?)", [(r[0], now) for r in shown])
+        return len(shown)
 
     def _act(self, conn: sqlite3.Connection, v: rules.Verdict,
              drafts: Sequence[alerts.EventDraft], now: float) -> int:

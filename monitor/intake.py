@@ -46,6 +46,18 @@ STOP = object()  # queue sentinel: drain what came before, then return
 NO_SOURCE, SIGNAL = -1, -2  # routes other than a [[sources]] index
 
 
+def subscriptions(config: Config) -> list[tuple[str, int]]:
+    """The MQTT filters the daemon subscribes to, in order, with their QoS.
+
+    The position + 1 of a filter is its Subscription Identifier (see
+    :mod:`monitor.mqtt`); the intake uses the same list to take exactly one copy
+    of a message that several filters match.
+    """
+    subs = [(s.topic, config.mqtt.qos) for s in config.sources]
+    subs += [(r.topic, 1) for r in config.rules if isinstance(r, CurtailmentRule)]
+    return list(dict(subs).items())  # one subscription per filter
+
+
 def fingerprint(topic: str, payload: bytes) -> bytes:
     return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
 
@@ -99,6 +111,8 @@ class Intake:
         self._counts: dict[tuple[str, str], int] = {}  # metrics, added once per batch
         self._days = accounting.LocalDays(c.site.tz)
         self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
+        self._filters = [t for t, _ in subscriptions(c)]
+        self._primary: dict[str, int] = {}  # topic -> the subscription id that owns it
         self._clock = accounting.ClockBounds(c.intake.max_clock_ahead_s,
                                              c.intake.max_clock_behind_s)
         #: device id -> the [[sources]] entry it was first read from (collision check)
@@ -188,6 +202,17 @@ class Intake:
             self._route[topic] = idx
         return idx
 
+    def _primary_of(self, topic: str) -> int:
+        """The Subscription Identifier of the first filter matching ``topic`` (0: none)."""
+        sid = self._primary.get(topic)
+        if sid is None:
+            sid = next((i + 1 for i, f in enumerate(self._filters)
+                        if topic_matches_sub(f, topic)), 0)
+            if len(self._primary) > 200_000:
+                self._primary.clear()
+            self._primary[topic] = sid
+        return sid
+
     def process(self, messages: Sequence[Message]) -> tuple[IntakeBatch, BatchReport]:
         """Parse and account ``messages`` (no I/O except the redelivery look-up)."""
         batch = IntakeBatch()
@@ -206,6 +231,11 @@ class Intake:
                 continue
             in_batch.add(fp)
             batch.fingerprints.append(fp)
+            if msg.sub_ids and self._primary_of(msg.topic) not in msg.sub_ids:
+                # the same message again, for another filter that matches its topic
+                rep.ignored += 1
+                self._outcome(batch, "ignored", "overlapping_subscription", "-")
+                continue
             src = self._route_of(msg.topic)
             if src == SIGNAL:
                 self._signal(msg, batch, rep)

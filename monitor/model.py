@@ -108,3 +108,6 @@ class Message:
     retain: bool = False
     dup: bool = False
     mid: int = 0
+    #: MQTT 5 subscription identifiers the broker delivered this copy for (mosquitto
+    #: sends one copy per matching subscription); () when the broker sent none
+    sub_ids: tuple[int, ...] = ()

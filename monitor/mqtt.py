@@ -11,6 +11,10 @@ Contracts:
 * The session is persistent: fixed client id, ``clean_start=False`` and a
   Session Expiry Interval, so the broker queues readings while we are down.
 * Subscriptions are (re)made in ``on_connect``, so every reconnect restores them.
+  Each carries a Subscription Identifier (its position + 1): a topic matched by
+  two filters arrives once per filter, and the intake processes only the copy
+  of the first filter that matches.  Filters the daemon subscribed to before
+  and no longer has (``unsubscribe``) are removed from the persistent session.
 * Presence: retained ``online`` on ``energy-monitor/<site>/status``; the last
   will (and a clean stop) says ``offline``.
 
@@ -63,11 +67,13 @@ class MqttLink:
         subscriptions: Sequence[tuple[str, int]],
         *,
         on_connected: Callable[[bool], None] | None = None,
+        unsubscribe: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.sink = sink
         self.metrics = metrics
         self.subscriptions = list(subscriptions)
+        self.unsubscribe = [t for t in unsubscribe if t not in dict(self.subscriptions)]
         self.on_connected = on_connected
         self.connected = threading.Event()
         self.last_error = ""
@@ -114,8 +120,14 @@ class MqttLink:
         session_present = bool(getattr(flags, "session_present", False))
         log.info("MQTT connected to %s:%s (session present: %s)", self.config.mqtt.host,
                  self.config.mqtt.port, session_present)
-        for topic, qos in self.subscriptions:
-            client.subscribe(topic, qos=qos)
+        if self.unsubscribe and session_present:
+            log.info("MQTT unsubscribing filters no longer configured: %s",
+                     ", ".join(self.unsubscribe))
+            client.unsubscribe(self.unsubscribe)
+        for i, (topic, qos) in enumerate(self.subscriptions):
+            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+            props.SubscriptionIdentifier = i + 1
+            client.subscribe(topic, qos=qos, properties=props)
         client.publish(status_topic(self.config.site.id), "online", qos=1, retain=True)
         self.last_error = ""
         self.metrics.mqtt_connected.set(1)
@@ -135,8 +147,9 @@ class MqttLink:
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker re-delivers it to our next session
+        ids = getattr(m.properties, "SubscriptionIdentifier", None) if m.properties else None
         msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain),
-                      bool(m.dup), m.mid)
+                      bool(m.dup), m.mid, tuple(ids) if ids else ())
         if m.qos == 0:
             try:
                 self.sink.put_nowait(msg)

@@ -10,6 +10,7 @@ disconnects, HTTP closes, the store closes.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -21,10 +22,11 @@ from monitor import __version__, audit, events, webhooks
 from monitor import status as status_mod
 from monitor.actions import Actions
 from monitor.checks import Checker
-from monitor.config import Config, CurtailmentRule
+from monitor.config import Config
 from monitor.exporter import Backlog, Exporter
 from monitor.http import HttpServer
 from monitor.intake import Intake
+from monitor.intake import subscriptions as intake_subscriptions
 from monitor.metrics import Metrics
 from monitor.mqtt import MqttLink
 from monitor.scheduler import Scheduler
@@ -95,9 +97,21 @@ class Service:
         return st
 
     def subscriptions(self) -> list[tuple[str, int]]:
-        subs = [(s.topic, self.config.mqtt.qos) for s in self.config.sources]
-        subs += [(r.topic, 1) for r in self.config.rules if isinstance(r, CurtailmentRule)]
-        return list(dict(subs).items())  # one subscription per filter
+        return intake_subscriptions(self.config)
+
+    @staticmethod
+    def _remember_filters(store: Store, filters: list[str]) -> list[str]:
+        """Filters an earlier configuration subscribed to and this one does not.
+
+        The broker keeps a persistent session's subscriptions: a filter removed
+        from the config would go on delivering.  The store remembers every filter
+        ever subscribed to until it has been unsubscribed at a connect."""
+        known = json.loads(store.kv_get("mqtt.filters", "[]") or "[]")
+        stale = [f for f in known if f not in filters]
+        with store.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('mqtt.filters', ?)",
+                      (json.dumps(sorted(set(filters) | set(stale))),))
+        return stale
 
     def health(self) -> list[str]:
         reasons: list[str] = []
@@ -134,7 +148,9 @@ class Service:
             audit.append(conn, "config.loaded", {
                 "sha256": cfg.digest, "site": cfg.site.id, "version": __version__,
                 "rules": [r.id for r in cfg.rules], "mode": cfg.actions.mode}, self.clock())
-        self.mqtt = MqttLink(cfg, self.queue, self.metrics, self.subscriptions())
+        subs = self.subscriptions()
+        stale = self._remember_filters(self.store, [t for t, _ in subs])
+        self.mqtt = MqttLink(cfg, self.queue, self.metrics, subs, unsubscribe=stale)
         self.intake = Intake(cfg, self.store, self.metrics, ack=self.mqtt.ack, queue=self.queue)
         self.worker = threading.Thread(target=self.intake.run, name="intake", daemon=True)
         self.worker.start()
