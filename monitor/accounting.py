@@ -90,7 +90,7 @@ class MeterState:
     dip: bool = False  # the counter is below its baseline (one counter_backwards per dip)
     export_kwh: float | None = None  # export counter baseline
     export_ts: float | None = None
-    carry_mwh: float = 0.0  # the fraction of a mWh not booked yet (0 <= carry < 1)
+    carry_mwh: float = 0.0  # the fraction of a mWh not booked yet (about 0 <= carry < 1)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -346,8 +346,10 @@ def book_mwh(state: MeterState, kwh: float) -> int:
     are not rounded away.
     """
     exact = kwh * MWH_PER_KWH + state.carry_mwh
-    whole = math.floor(exact + 1e-9)  # 0.999999999 of float noise is a whole mWh
-    state.carry_mwh = max(0.0, exact - whole)
+    # float noise of the device's decimal steps (0.1 kWh is not a binary fraction)
+    # accumulates over thousands of increments; 0.1 µWh of tolerance absorbs it
+    whole = max(0, math.floor(exact + 1e-4))
+    state.carry_mwh = exact - whole  # may be -1e-4 .. 1
     return int(whole)
 
 
