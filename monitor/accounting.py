@@ -60,7 +60,7 @@ import datetime as dt
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 from monitor.model import Reading, TsSource
@@ -93,13 +93,17 @@ class MeterState:
     carry_mwh: float = 0.0  # the fraction of a mWh not booked yet (about 0 <= carry < 1)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # written for every meter a batch touched: no dataclasses.asdict (deep copies)
+        return json.dumps({k: getattr(self, k) for k in _STATE_FIELDS}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> MeterState:
         data = json.loads(text or "{}")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
+
+
+_STATE_FIELDS = tuple(MeterState.__dataclass_fields__)
 
 
 @dataclass(frozen=True, slots=True)
