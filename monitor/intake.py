@@ -36,6 +36,7 @@ from monitor.model import (
     TsSource,
 )
 from monitor.parsers import Parser, make_parser
+from monitor.parsers.discovery import DiscoveryRegistry
 from monitor.rules import parse_signal
 from monitor.store import IntakeBatch, Rollup, Store, StoreError
 
@@ -43,7 +44,17 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER_KEEP_BYTES = 1024
 STOP = object()  # queue sentinel: drain what came before, then return
-NO_SOURCE, SIGNAL = -1, -2  # routes other than a [[sources]] index
+NO_SOURCE, SIGNAL, DISCOVERY = -1, -2, -3  # routes other than a [[sources]] index
+#: formats whose devices publish Home Assistant discovery configs the parsers can use
+DISCOVERY_FORMATS = frozenset({"esphome", "zigbee2mqtt"})
+
+
+def discovery_prefix(config: Config) -> str:
+    """The discovery prefix the daemon listens on, or "" when no source can use it."""
+    prefix = config.intake.discovery_prefix.strip("/")
+    if prefix and any(s.format in DISCOVERY_FORMATS for s in config.sources):
+        return prefix
+    return ""
 
 
 def subscriptions(config: Config) -> list[tuple[str, int]]:
@@ -55,6 +66,9 @@ def subscriptions(config: Config) -> list[tuple[str, int]]:
     """
     subs = [(s.topic, config.mqtt.qos) for s in config.sources]
     subs += [(r.topic, 1) for r in config.rules if isinstance(r, CurtailmentRule)]
+    prefix = discovery_prefix(config)
+    if prefix:  # retained configs: sent again at every (re)subscribe
+        subs += [(f"{prefix}/+/+/config", 1), (f"{prefix}/+/+/+/config", 1)]
     return list(dict(subs).items())  # one subscription per filter
 
 
@@ -104,7 +118,11 @@ class Intake:
 
     def __post_init__(self) -> None:
         c = self.config
-        self._parsers = [make_parser(s.format, s.options) for s in c.sources]
+        prefix = discovery_prefix(c)
+        self._discovery_prefix = prefix + "/" if prefix else ""
+        self._registry = DiscoveryRegistry(prefix) if prefix else None
+        self._parsers = [make_parser(s.format, s.options, self._registry, s.topic)
+                         for s in c.sources]
         self._by_device = c.meter_for_device()
         self._configured = {m.id: m for m in c.meters}
         self._dirty: set[str] = set()
@@ -192,6 +210,9 @@ class Intake:
             idx = NO_SOURCE
             if any(topic_matches_sub(t, topic) for t in self._signal_topics):
                 idx = SIGNAL
+            elif (self._discovery_prefix and topic.startswith(self._discovery_prefix)
+                  and topic.endswith("/config")):
+                idx = DISCOVERY
             else:
                 for i, s in enumerate(self.config.sources):
                     if topic_matches_sub(s.topic, topic):
@@ -239,6 +260,9 @@ class Intake:
             src = self._route_of(msg.topic)
             if src == SIGNAL:
                 self._signal(msg, batch, rep)
+                continue
+            if src == DISCOVERY:
+                self._discovery(msg, batch, rep)
                 continue
             if src == NO_SOURCE:
                 self._dead(batch, rep, msg, "unknown_topic", "no [[sources]] entry matches")
@@ -394,6 +418,17 @@ class Intake:
         for a in out.anomalies:
             batch.anomalies.append((m.id, a.ts, a.kind, a.value, a.detail))
             self.metrics.anomalies.labels(a.kind).inc()
+
+    def _discovery(self, msg: Message, batch: IntakeBatch, rep: BatchReport) -> None:
+        """A Home Assistant discovery config: what a sensor measures, in which unit."""
+        assert self._registry is not None
+        try:
+            result = self._registry.update(msg.topic, msg.payload)
+        except ParseError as exc:
+            self._dead(batch, rep, msg, exc.reason, exc.detail, "discovery")
+            return
+        rep.ignored += 1
+        self._outcome(batch, "ignored", result.ignored or "discovery_config", "discovery")
 
     def _signal(self, msg: Message, batch: IntakeBatch, rep: BatchReport) -> None:
         try:

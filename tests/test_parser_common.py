@@ -10,7 +10,7 @@ import pytest
 
 from monitor import config
 from monitor.model import ParseError, ParseResult, TsSource
-from monitor.parsers import FORMATS, REASONS, Parser, make_parser
+from monitor.parsers import IGNORE_REASONS, FORMATS, REASONS, Parser, make_parser
 from monitor.parsers import common as c
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,10 +77,11 @@ def test_doc_names_every_format_reason_and_option() -> None:
     text = DOC.read_text(encoding="utf-8")
     for fmt in FORMATS:
         assert f"## `{fmt}`" in text, fmt
-    for reason in REASONS:
+    for reason in (*REASONS, *IGNORE_REASONS):
         assert f"| `{reason}` |" in text, reason
     for option in ("base_topic", "power_unit", "energy_unit", "power_sensors",
-                   "energy_sensors", "ignore_sensors"):
+                   "energy_sensors", "ignore_sensors", "export_sensors", "meter_object",
+                   "energy_key", "power_key", "export_key", "sum_as_import"):
         assert f"`{option}`" in text, option
 
 
@@ -158,6 +159,9 @@ def test_load_json_errors() -> None:
         assert exc.value.reason == reason, payload[:10]
 
 
-def test_ignored_is_a_shared_empty_result() -> None:
-    assert ParseResult(ignored=True) == c.IGNORED
-    assert not c.IGNORED.readings and not c.IGNORED.availability
+def test_ignored_carries_a_known_reason() -> None:
+    res = c.ignored("daily_total")
+    assert res == ParseResult(ignored="daily_total")
+    assert not res.readings and not res.availability
+    with pytest.raises(AssertionError):
+        c.ignored("no such reason")

@@ -27,21 +27,20 @@ def reason(topic: str, payload: bytes, **options: object) -> str:
 def test_power_sensor() -> None:
     (r,) = parse("attic-powerwall/sensor/inverter0_power_demand/state", b"190").readings
     assert (r.device, r.power_w, r.energy_kwh) == (
-        "esphome/attic-powerwall/inverter0_power_demand", 190.0, None,
+        "esphome/attic-powerwall", 190.0, None,
     )
     assert (r.ts, r.ts_source) == (RECEIVED, TsSource.RECEIVED)
 
 
 def test_energy_sensor_defaults_to_kwh_lifetime() -> None:
     (r,) = parse("rig-01/sensor/energy/state", b"1234.567").readings
-    assert (r.device, r.energy_kwh, r.power_w) == ("esphome/rig-01/energy", 1234.567, None)
+    assert (r.device, r.energy_kwh, r.power_w) == ("esphome/rig-01", 1234.567, None)
     assert r.energy_scope is EnergyScope.LIFETIME
 
 
 @pytest.mark.parametrize("name", ["total_daily_energy", "energy_today", "daily_kwh"])
-def test_daily_energy(name: str) -> None:
-    (r,) = parse(f"rig/sensor/{name}/state", b"3.5").readings
-    assert r.energy_scope is EnergyScope.DAILY
+def test_daily_energy_is_never_consumption(name: str) -> None:
+    assert parse(f"rig/sensor/{name}/state", b"3.5").ignored == "daily_total"
 
 
 def test_units_from_options() -> None:
@@ -65,7 +64,7 @@ def test_name_lists_override_the_heuristic() -> None:
 
 def test_custom_topic_prefix_with_slashes() -> None:
     (r,) = parse("site/hall-a/rig-07/sensor/power/state", b"1").readings
-    assert r.device == "esphome/site/hall-a/rig-07/power"
+    assert r.device == "esphome/site/hall-a/rig-07"
 
 
 def test_status_is_availability_of_the_node() -> None:
@@ -103,11 +102,11 @@ def test_ignored(topic: str, payload: bytes) -> None:
     [
         ("rig/sensor/power/state", b"nan", "nan"),  # NaN as ESPHome sends it
         ("rig/sensor/power/state", b"None", "nan"),  # publish_nan_as_none
-        ("rig/sensor/power/state", b"-1", "negative"),
+        ("rig/sensor/energy/state", b"-1", "negative"),
         ("rig/sensor/energy/state", b"inf", "infinite"),
         ("rig/sensor/energy/state", b"ON", "not_a_number"),
         ("rig/sensor/energy/state", b"", "empty"),
-        ("rig/sensor/load/state", b"5", "no_measurement"),
+        ("rig/sensor/gizmo/state", b"5", "no_measurement"),
         ("rig/sensor/clamp_1/state", b"5", "no_measurement"),
         ("rig/sensor/power", b"5", "unknown_topic"),
         ("status", b"online", "unknown_topic"),
@@ -132,3 +131,46 @@ def test_rejections(topic: str, payload: bytes, expected: str) -> None:
 def test_bad_options(options: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="esphome"):
         make_parser("esphome", options)
+
+
+def test_athom_plug_reads_one_counter_of_three() -> None:
+    """Athom plug sensor names: energy (since boot), total_energy, total_daily_energy."""
+    p = make_parser("esphome")
+    out = [p.parse(f"athom/sensor/{n}/state", v, RECEIVED)
+           for n, v in (("power", b"3000"), ("energy", b"0.5"), ("total_energy", b"1234.5"),
+                        ("total_daily_energy", b"12.0"), ("energy", b"0.6"),
+                        ("total_energy", b"1234.6"))]
+    counted = [r.energy_kwh for res in out for r in res.readings if r.energy_kwh is not None]
+    assert counted == [0.5, 1234.5, 1234.6]  # energy is read only until total_energy is known
+    assert out[3].ignored == "daily_total" and out[4].ignored == "duplicate_counter"
+    assert {r.device for res in out for r in res.readings} == {"esphome/athom"}
+
+
+def test_sdm_meter_example_counts_import_once_and_power_once() -> None:
+    """Sensor names of the ESPHome sdm_meter example (three-phase)."""
+    p = make_parser("esphome")
+    names = {"sdm_total_power": b"3000", "sdm_phase_a_power": b"1000",
+             "sdm_import_active_energy": b"500", "sdm_export_active_energy": b"20",
+             "sdm_import_reactive_energy": b"40", "sdm_export_reactive_energy": b"5",
+             "sdm_phase_a_apparent_power": b"1100", "sdm_phase_a_power_factor": b"0.9",
+             "sdm_frequency": b"50"}
+    results = {n: p.parse(f"sdm/sensor/{n}/state", v, RECEIVED) for n, v in names.items()}
+    readings = [r for res in results.values() for r in res.readings]
+    assert [(r.device, r.power_w, r.energy_kwh, r.export_kwh) for r in readings] == [
+        ("esphome/sdm", 3000.0, None, None), ("esphome/sdm", None, 500.0, None),
+        ("esphome/sdm", None, None, 20.0),
+    ]
+    assert results["sdm_phase_a_power"].ignored == "phase_value"
+    assert results["sdm_import_reactive_energy"].ignored == "reactive_energy"
+
+
+def test_discovery_declaration_decides_unit_and_quantity() -> None:
+    from monitor.parsers import DiscoveryRegistry
+
+    reg = DiscoveryRegistry("homeassistant")
+    reg.update("homeassistant/sensor/rig/meter_a/config",
+               b'{"name": "Meter A", "stat_t": "rig/sensor/meter_a/state", '
+               b'"unit_of_meas": "Wh", "dev_cla": "energy", "stat_cla": "total_increasing"}')
+    p = make_parser("esphome", None, reg, "rig/#")
+    (r,) = p.parse("rig/sensor/meter_a/state", b"1500", RECEIVED).readings
+    assert r.energy_kwh == 1.5

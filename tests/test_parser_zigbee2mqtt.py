@@ -148,8 +148,8 @@ def test_ignored(topic: str, payload: bytes) -> None:
         ("zigbee2mqtt/plug", {"power": "12"}, "wrong_type"),
         ("zigbee2mqtt/plug", {"power": False}, "wrong_type"),
         ("zigbee2mqtt/plug", '{"power": NaN}', "nan"),
-        ("zigbee2mqtt/plug", {"power": 5, "energy": -1}, "negative"),
-        ("zigbee2mqtt/plug", {"power_l1": -3}, "negative"),
+        ("zigbee2mqtt/plug", {"energy": -1}, "negative"),
+        ("zigbee2mqtt/plug", {"energy_l1": -3}, "negative"),
         ("zigbee2mqtt/plug/availability", b"maybe", "unknown_value"),
         ("zigbee2mqtt/plug/availability", b'{"status":"online"}', "unknown_value"),
     ],
@@ -163,3 +163,25 @@ def test_bad_base_topic_option() -> None:
         make_parser("zigbee2mqtt", {"base_topic": "/"})
     with pytest.raises(ValueError, match="no option"):
         make_parser("zigbee2mqtt", {"basetopic": "z"})
+
+
+def test_tuya_clamp_production_is_negative_power_and_export() -> None:
+    """PJ-1203A style: power magnitude, energy_flow direction, energy_produced per channel."""
+    doc = {"power_a": 500, "energy_flow_a": "producing", "energy_a": 10.5,
+           "energy_produced_a": 3.25, "power_b": 200, "energy_flow_b": "consuming",
+           "energy_b": 7.0, "power_ab": 700}
+    res = parse("zigbee2mqtt/clamp", doc)
+    assert [(r.device, r.power_w, r.energy_kwh, r.export_kwh) for r in res.readings] == [
+        ("zigbee2mqtt/clamp:a", -500.0, 10.5, 3.25), ("zigbee2mqtt/clamp:b", 200.0, 7.0, None),
+    ]
+    assert "phase_sum" in res.skipped
+
+
+def test_negative_phase_keeps_the_other_phases() -> None:
+    res = parse("zigbee2mqtt/3ph", {"power_l1": -0.2, "power_l2": 900, "energy_l2": -1,
+                                    "energy_l3": 5})
+    assert [(r.device, r.power_w, r.energy_kwh) for r in res.readings] == [
+        ("zigbee2mqtt/3ph:l1", -0.2, None), ("zigbee2mqtt/3ph:l2", 900.0, None),
+        ("zigbee2mqtt/3ph:l3", None, 5.0),
+    ]
+    assert res.skipped == ("negative_counter",)

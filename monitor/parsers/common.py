@@ -12,9 +12,11 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 
-from monitor.model import Availability, ParseError, ParseResult, TsSource
+from monitor.model import Availability, ParseError, ParseResult, Reading, TsSource
 
 #: Every ``ParseError.reason`` a parser raises, with what it means (for docs and metrics).
+#: A bad value inside a message that still yields other values is not an error: it is
+#: listed in ``ParseResult.skipped`` under the same token.
 REASONS: dict[str, str] = {
     "empty": "the payload (or a JSON batch) is empty",
     "not_utf8": "the payload is not valid UTF-8",
@@ -22,7 +24,7 @@ REASONS: dict[str, str] = {
     "not_a_number": "a plain-text value is not a decimal number",
     "nan": "a value is NaN, null or None (the device has no value)",
     "infinite": "a value is +/-infinity or too large for a float",
-    "negative": "a power or energy value is below zero (includes the -1 'unavailable' sentinel)",
+    "negative": "an energy counter is below zero (includes the -1 'unavailable' sentinel)",
     "wrong_type": "a JSON value has the wrong type (a string or boolean where a number belongs, …)",
     "missing_field": "a required key is absent",
     "no_measurement": "the message should carry power or energy but carries neither",
@@ -30,10 +32,123 @@ REASONS: dict[str, str] = {
     "unknown_topic": "the topic does not have a shape this format publishes",
     "unknown_value": "an enumerated payload (online/offline) has an unknown value",
     "unsupported_format": "a known but unsupported variant (emonhub legacy CSV)",
+    "unconfigured_meter": "a meter the format cannot read without source options (the detail "
+                          "names them: Tasmota SML objects, mbmd Sum-only meters)",
+    "device_id_collision": "two different topics of one source would give the same device id",
 }
 
-#: A message that is recognised and harmless: neither readings nor a dead letter.
-IGNORED = ParseResult(ignored="no_energy")
+#: Every reason a message is ``ignored`` for, or a value inside one is ``skipped`` for
+#: (beside the REASONS of a bad value), with what it means.  Stable tokens: metric labels.
+IGNORE_REASONS: dict[str, str] = {
+    "not_energy_topic": "a topic of the format that never carries power or energy (device "
+                        "state, info, inputs, bridge, other components)",
+    "command": "a command or request addressed to a device (cmnd, set/get, rpc)",
+    "announce": "a device announcement or info message",
+    "event": "an event notification (a button press), not a status",
+    "state_without_energy": "a device state without any power or energy value (a bulb, a "
+                            "switch without metering, a status delta that changes only the relay)",
+    "no_energy_sensor": "a Tasmota SENSOR message without an energy object (temperature only)",
+    "not_energy_value": "a value of another quantity: voltage, current, power factor, "
+                        "frequency, temperature, …",
+    "attribute_topic": "a Zigbee2MQTT attribute topic: the JSON state carries the same value",
+    "cleared": "an empty retained payload that clears a removed or renamed device",
+    "gateway_status": "a gateway's own online state (mbmd/status): it names no meter",
+    "discovery_config": "a Home Assistant discovery config (read into the registry)",
+    "reactive_power": "reactive power (var): not active power",
+    "apparent_power": "apparent power (VA): not active power",
+    "reactive_energy": "reactive energy (kvarh): never consumption",
+    "apparent_energy": "apparent energy (kVAh): never consumption",
+    "daily_total": "a daily, today or yesterday total (resets every day): never a counter",
+    "interval_energy": "the energy of the last interval only (Tasmota Period)",
+    "duplicate_counter": "a second counter of a quantity that is already read (Shelly emeter "
+                         "energy beside total, ESPHome energy beside total_energy, "
+                         "ImportActive beside Total)",
+    "tariff_counter": "a per-tariff counter: a part of the total that is read",
+    "phase_value": "a per-phase value of a device whose total is read",
+    "phase_sum": "a sum of channels that are read one by one",
+    "import_plus_export": "an import + export sum (mbmd Sum beside Import): not consumption",
+    "directional_power": "a power of one direction only (mbmd Import/ExportPower), not "
+                         "signed net power",
+    "phase_pending": "a per-phase power of a meter whose other phases are not known yet",
+    "sum_pending": "an mbmd Sum of a device not yet known to publish Import",
+    "duplicate_power": "a second active power sensor of one meter (ESPHome SDM power beside "
+                       "total_power)",
+    "pulse_count": "a pulse count (emonhub pulse): it needs the meter's pulses per kWh",
+    "export_power": "the power of a sensor that measures export only (reads as production)",
+    "negative_counter": "an energy counter below zero on one channel (the other channels "
+                        "are read)",
+}
+
+
+def ignored(reason: str) -> ParseResult:
+    """The result of a message recognised as carrying nothing to account."""
+    assert reason in IGNORE_REASONS, reason
+    return ParseResult(ignored=reason)
+
+
+class Values:
+    """Reads the values of one message; a bad one is skipped, never fatal on its own.
+
+    ``power`` is signed (negative = production); ``counter`` must be >= 0.  A bad
+    value is recorded with its reason and None is returned, so the message's other
+    channels are still read.  :meth:`result` then builds the ParseResult: readings
+    with the skipped reasons, or, when nothing readable remains, the first error
+    (a dead letter) or an ignored outcome for a message whose values were all
+    skipped on purpose.
+    """
+
+    __slots__ = ("errors", "skipped")
+
+    def __init__(self) -> None:
+        self.skipped: list[str] = []
+        self.errors: list[ParseError] = []
+
+    def skip(self, reason: str) -> None:
+        assert reason in IGNORE_REASONS or reason in REASONS, reason
+        self.skipped.append(reason)
+
+    def bad(self, exc: ParseError) -> None:
+        self.errors.append(exc)
+        self.skipped.append(exc.reason)
+
+    def power(self, value: object, name: str) -> float | None:
+        try:
+            return number(value, name)
+        except ParseError as exc:
+            self.bad(exc)
+            return None
+
+    def counter(self, value: object, name: str) -> float | None:
+        try:
+            x = number(value, name)
+        except ParseError as exc:
+            self.bad(exc)
+            return None
+        if x < 0:
+            hint = " (the 'unavailable' sentinel)" if x == -1 else ""
+            self.errors.append(ParseError("negative", f"{name} is {x:g}{hint}"))
+            self.skipped.append("negative_counter")
+            return None
+        return x
+
+    def result(
+        self, readings: Iterable[Reading] = (), availability: Iterable[Availability] = (),
+        *, nothing: str = "",
+    ) -> ParseResult:
+        """The message's result; ``nothing`` is the ignored reason when it has no values."""
+        rs, av = tuple(readings), tuple(availability)
+        if rs or av:
+            return ParseResult(rs, av, skipped=tuple(self.skipped))
+        if self.errors:
+            first = self.errors[0]
+            more = f" (and {len(self.errors) - 1} more bad values)" if len(self.errors) > 1 else ""
+            raise ParseError(first.reason, first.detail + more)
+        if self.skipped:
+            return ParseResult(ignored=self.skipped[0], skipped=tuple(self.skipped[1:]))
+        if nothing:
+            return ignored(nothing)
+        raise ParseError("no_measurement", "the message carries no power or energy value")
+
 
 #: 2000-01-01T00:00:00Z.  A device time before it means the clock was never set.
 MIN_DEVICE_TS = 946_684_800.0
@@ -118,7 +233,7 @@ def _non_negative(x: float, name: str) -> float:
 
 
 def measurement(value: object, name: str) -> float:
-    """A JSON power or energy value: a finite number >= 0."""
+    """A JSON energy counter: a finite number >= 0."""
     return _non_negative(number(value, name), name)
 
 
@@ -138,8 +253,13 @@ def text_number(text: str, name: str) -> float:
 
 
 def text_measurement(payload: bytes, name: str) -> float:
-    """A plain-text power or energy payload: a finite decimal number >= 0."""
+    """A plain-text energy counter payload: a finite decimal number >= 0."""
     return _non_negative(text_number(decode(payload), name), name)
+
+
+def text_power(payload: bytes, name: str) -> float:
+    """A plain-text power payload: a finite decimal number, signed (negative = production)."""
+    return text_number(decode(payload), name)
 
 
 def kwh_from_wh(wh: float) -> float:

@@ -5,6 +5,9 @@ One object, or a JSON array of objects (a batch)::
     {"meter": "rack-07", "ts": "2026-11-27T02:00:00Z", "power_w": 3250.0,
      "energy_kwh": 10234.125, "voltage_v": 229.8, "current_a": 14.2, "seq": 1234}
 
+``power_w`` is signed (negative = production, never load); ``energy_kwh`` is the
+imported active energy counter and ``export_kwh`` the exported one (both >= 0).
+
 The device id is the ``meter`` string as is.  A batch is all or nothing: one bad
 element makes the whole message a ParseError whose detail names the index, so a
 batch is never half applied.  Unknown keys are ignored (room for additions).
@@ -22,6 +25,7 @@ from monitor.parsers.common import (
     kind,
     load_json,
     measurement,
+    number,
     rfc3339,
 )
 
@@ -29,7 +33,10 @@ from monitor.parsers.common import (
 class NativeParser:
     """Parser for ``format = "json"``.  Stateless; no options."""
 
-    def __init__(self, options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, options: Mapping[str, object] | None = None, registry: object = None,
+        topic_filter: str | None = None,
+    ) -> None:
         check_options("json", options, ())
 
     def parse(
@@ -65,10 +72,12 @@ def _read_object(obj: object, received_at: float) -> Reading:
     if not isinstance(meter, str) or not meter.strip():
         raise ParseError("wrong_type", f"meter must be a non-empty string, got {kind(meter)}")
 
-    power_w = measurement(obj["power_w"], "power_w") if "power_w" in obj else None
+    power_w = number(obj["power_w"], "power_w") if "power_w" in obj else None
     energy_kwh = measurement(obj["energy_kwh"], "energy_kwh") if "energy_kwh" in obj else None
-    if power_w is None and energy_kwh is None:
-        raise ParseError("no_measurement", f"meter {meter!r} has neither power_w nor energy_kwh")
+    export_kwh = measurement(obj["export_kwh"], "export_kwh") if "export_kwh" in obj else None
+    if power_w is None and energy_kwh is None and export_kwh is None:
+        raise ParseError("no_measurement",
+                         f"meter {meter!r} has none of power_w, energy_kwh, export_kwh")
     voltage_v = measurement(obj["voltage_v"], "voltage_v") if "voltage_v" in obj else None
     current_a = measurement(obj["current_a"], "current_a") if "current_a" in obj else None
 
@@ -83,12 +92,12 @@ def _read_object(obj: object, received_at: float) -> Reading:
     if raw_ts is None:  # absent or null: stamped on receipt
         return Reading(
             meter, received_at, TsSource.RECEIVED, power_w, energy_kwh,
-            voltage_v=voltage_v, current_a=current_a, seq=seq,
+            voltage_v=voltage_v, current_a=current_a, seq=seq, export_kwh=export_kwh,
         )
     ts = _timestamp(raw_ts)
     return Reading(
         meter, ts, TsSource.DEVICE, power_w, energy_kwh,
-        voltage_v=voltage_v, current_a=current_a, device_ts=ts, seq=seq,
+        voltage_v=voltage_v, current_a=current_a, device_ts=ts, seq=seq, export_kwh=export_kwh,
     )
 
 

@@ -7,28 +7,31 @@ Topics (``<prefix>`` defaults to the device id and may contain slashes):
 * ``<prefix>/status/<component:id>``: the full status of one component.
 * ``<prefix>/online``: ``true``/``false`` -> availability of ``shelly/<prefix>``.
 
-The device base is the payload's ``src`` when present, else ``<prefix>``.
-Components read, as ``shelly/<base>:<channel>``:
+The device base is the payload's ``src`` when present, else ``<prefix>``; a
+prefix ``shellies/<id>`` (Gen2 devices set to sit beside Gen1 ones) gives
+``<id>``.  Components read, as ``shelly/<base>:<channel>``:
 
-========================  =======  ===================================  ==================
-component                 channel  power (W)                            energy (Wh -> kWh)
-========================  =======  ===================================  ==================
-``switch:N``, ``pm1:N``   N        ``apower``                           ``aenergy.total``
-``em:0`` (Pro 3EM)        a, b, c  ``a_act_power`` ...                  --
-``emdata:0``              a, b, c  --                                   ``a_total_act_energy``
-``em1:N``                 N        ``act_power``                        --
-``em1data:N``             N        --                                   ``total_act_energy``
-========================  =======  ===================================  ==================
+=======================  =======  ===============  ====================  =========================
+component                channel  power (W)        energy (Wh -> kWh)    export (Wh -> kWh)
+=======================  =======  ===============  ====================  =========================
+``switch:N``, ``pm1:N``  N        ``apower``       ``aenergy.total``     ``ret_aenergy.total``
+``em:0`` (Pro 3EM)       a, b, c  ``a_act_power``  --                    --
+``emdata:0``             a, b, c  --               ``a_total_act_energy``  ``a_total_act_ret_energy``
+``em1:N``                N        ``act_power``    --                    --
+``em1data:N``            N        --               ``total_act_energy``  ``total_act_ret_energy``
+=======================  =======  ===============  ====================  =========================
 
 (``em:N``/``emdata:N`` with N > 0 give channels ``a<N>``, ``b<N>``, ``c<N>``.)
-The device totals (``total_act_power``, ``total_act``) are not read: a "total"
-channel next to a, b, c would count the same energy twice.
+Power is signed (a Pro 3EM phase that exports is negative).  The device totals
+(``total_act_power``, ``total_act``, ``total_act_ret``) are skipped
+(``phase_sum``): a "total" channel next to a, b, c would count twice; apparent
+power is skipped too.  A bad value on one channel skips that value only.
 
 NotifyStatus is a delta: a missing key means "unchanged".  Each delta is merged
 onto the last known status of that component (kept per device base), and
 readings are emitted only for the channels whose power or energy key the
-message carries, with the merged values.  A message that fails leaves the
-kept state untouched.
+message carries, with the merged values.  A message that is a dead letter as
+a whole leaves the kept state untouched.
 """
 
 from __future__ import annotations
@@ -37,14 +40,14 @@ from collections.abc import Mapping
 
 from monitor.model import ParseError, ParseResult, Reading, TsSource
 from monitor.parsers.common import (
-    IGNORED,
+    Values,
     aux,
     check_options,
     epoch,
+    ignored,
     kind,
     kwh_from_wh,
     load_json,
-    measurement,
     online,
     stamp,
 )
@@ -63,7 +66,10 @@ class ShellyGen2Parser:
     NotifyStatus deltas can be completed; call it from one thread only.
     """
 
-    def __init__(self, options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, options: Mapping[str, object] | None = None, registry: object = None,
+        topic_filter: str | None = None,
+    ) -> None:
         check_options("shelly_gen2", options, ())
         self._state: dict[tuple[str, str], Status] = {}
 
@@ -75,16 +81,18 @@ class ShellyGen2Parser:
         if topic.endswith("/online"):
             prefix = topic[: -len("/online")]
             if prefix:
-                return online(payload, "shelly/" + prefix)
+                return online(payload, "shelly/" + _base(prefix))
         head, sep, component = topic.rpartition("/")
         prefix, sep2, word = head.rpartition("/")
         if sep and sep2 and prefix:
             if word == "status":
-                return self._component_status(prefix, component, payload, received_at)
+                return self._component_status(_base(prefix), component, payload, received_at)
             if word == "command":  # <prefix>/command/<component>: requests to the device
-                return IGNORED
+                return ignored("command")
+            if word == "debug" and component == "log":
+                return ignored("not_energy_topic")
         if sep and head and component in ("rpc", "command"):
-            return IGNORED  # RPC requests / commands addressed to the device
+            return ignored("command")  # RPC requests / commands addressed to the device
         raise ParseError("unknown_topic", f"{topic!r} is not a Shelly Gen2 topic")
 
     # ------------------------------------------------------------------ messages
@@ -103,8 +111,8 @@ class ShellyGen2Parser:
         elif method == "NotifyFullStatus":
             full = True
         else:
-            return IGNORED  # NotifyEvent (button pushes, ...), other notifications
-        src = doc.get("src", prefix)
+            return ignored("event")  # NotifyEvent (button pushes, ...), other notifications
+        src = doc.get("src", _base(prefix))
         if not isinstance(src, str) or not src:
             raise ParseError("wrong_type", f"src must be a non-empty string, got {kind(src)}")
         params = doc.get("params")
@@ -117,15 +125,15 @@ class ShellyGen2Parser:
         return self._apply(src, params, full=full, ts=ts, source=source, device_ts=device_ts)
 
     def _component_status(
-        self, prefix: str, component: str, payload: bytes, received_at: float
+        self, base: str, component: str, payload: bytes, received_at: float
     ) -> ParseResult:
         if component.partition(":")[0] not in _COMPONENTS:
-            return IGNORED  # sys, wifi, cloud, input:0, temperature:0, ...
+            return ignored("not_energy_topic")  # sys, wifi, cloud, input:0, temperature:0, ...
         doc = load_json(payload)
         if not isinstance(doc, dict):
             raise ParseError("wrong_type", f"{component} status is {kind(doc)}, expected an object")
         return self._apply(
-            prefix, {component: doc}, full=True, ts=received_at, source=TsSource.RECEIVED,
+            base, {component: doc}, full=True, ts=received_at, source=TsSource.RECEIVED,
             device_ts=None,
         )
 
@@ -141,6 +149,7 @@ class ShellyGen2Parser:
         source: TsSource,
         device_ts: float | None,
     ) -> ParseResult:
+        vals = Values()
         readings: list[Reading] = []
         updates: dict[tuple[str, str], Status] = {}
         device = "shelly/" + base
@@ -149,28 +158,62 @@ class ShellyGen2Parser:
             if ctype not in _COMPONENTS:
                 continue
             if not cid.isdigit():
-                raise ParseError("wrong_type", f"component {key!r} has no numeric id")
+                vals.bad(ParseError("wrong_type", f"component {key!r} has no numeric id"))
+                continue
             if not isinstance(value, dict):
-                raise ParseError("wrong_type", f"{key} is {kind(value)}, expected an object")
+                vals.bad(ParseError("wrong_type", f"{key} is {kind(value)}, expected an object"))
+                continue
             skey = (base, key)
             old = self._state.get(skey)
             merged = dict(value) if full or old is None else _merge(old, value)
-            for channel, power, energy, volts, amps in _channels(ctype, cid, value, merged):
-                if power is _MISSING and energy is _MISSING:
-                    continue  # nothing known yet (a delta without its base status)
-                power_w = None if power is _MISSING else measurement(power, f"{key} power")
-                energy_kwh = (
-                    None if energy is _MISSING else kwh_from_wh(measurement(energy, f"{key} total"))
-                )
+            for why in _skipped(ctype, value):
+                vals.skip(why)
+            for channel, power, energy, export, volts, amps in _channels(
+                ctype, cid, value, merged
+            ):
+                power_w = None if power is _MISSING else vals.power(power, f"{key} power")
+                energy_kwh = None if energy is _MISSING else _wh(vals, energy, f"{key} total")
+                export_kwh = None if export is _MISSING else _wh(vals, export, f"{key} returned")
+                if power_w is None and energy_kwh is None and export_kwh is None:
+                    continue  # nothing known yet (a delta without its base status), or bad
                 readings.append(Reading(
                     f"{device}:{channel}", ts, source, power_w, energy_kwh,
                     voltage_v=aux(volts), current_a=aux(amps), device_ts=device_ts,
+                    export_kwh=export_kwh,
                 ))
             updates[skey] = merged
-        self._state.update(updates)  # only once every component read cleanly
-        if not readings:
-            return IGNORED  # e.g. a delta with only "output" or "temperature"
-        return ParseResult(readings=tuple(readings))
+        # e.g. a delta with only "output" or "temperature"; raises when nothing is readable
+        result = vals.result(readings, nothing="state_without_energy")
+        self._state.update(updates)  # only for a message that is not a dead letter
+        return result
+
+
+def _base(prefix: str) -> str:
+    """The device base of a topic prefix: ``shellies/<id>`` is ``<id>`` (Gen1-style layout)."""
+    if prefix.startswith("shellies/") and len(prefix) > len("shellies/"):
+        return prefix[len("shellies/"):]
+    return prefix
+
+
+def _wh(vals: Values, value: object, name: str) -> float | None:
+    x = vals.counter(value, name)
+    return None if x is None else kwh_from_wh(x)
+
+
+def _skipped(ctype: str, delta: Mapping[str, object]) -> list[str]:
+    """Reasons for the values of a component delta that are deliberately not read."""
+    out = []
+    if ctype == "em":
+        if "total_act_power" in delta:
+            out.append("phase_sum")
+        if any(k.endswith("aprt_power") for k in delta):
+            out.append("apparent_power")
+    elif ctype == "emdata":
+        if "total_act" in delta or "total_act_ret" in delta:
+            out.append("phase_sum")
+    elif ctype == "em1" and "aprt_power" in delta:
+        out.append("apparent_power")
+    return out
 
 
 def _merge(old: Status, delta: Mapping[str, object]) -> Status:
@@ -185,40 +228,47 @@ def _merge(old: Status, delta: Mapping[str, object]) -> Status:
     return out
 
 
+Channel = tuple[str, object, object, object, object, object]
+
+
+def _total(obj: object) -> object:
+    return obj.get("total", _MISSING) if isinstance(obj, dict) else _MISSING
+
+
 def _channels(
     ctype: str, cid: str, delta: Mapping[str, object], merged: Mapping[str, object]
-) -> list[tuple[str, object, object, object, object]]:
-    """(channel, power, energy, voltage, current) for each channel the delta touches.
+) -> list[Channel]:
+    """(channel, power, energy, export, voltage, current) for each channel the delta touches.
 
-    Power and energy are ``_MISSING`` when not known even after merging.
+    Power and the counters are ``_MISSING`` when not known even after merging.
     """
     if ctype in ("switch", "pm1"):
-        if "apower" not in delta and "aenergy" not in delta:
+        if "apower" not in delta and "aenergy" not in delta and "ret_aenergy" not in delta:
             return []
-        aenergy = merged.get("aenergy")
-        energy = aenergy.get("total", _MISSING) if isinstance(aenergy, dict) else _MISSING
-        return [(cid, merged.get("apower", _MISSING), energy,
-                 merged.get("voltage"), merged.get("current"))]
+        return [(cid, merged.get("apower", _MISSING), _total(merged.get("aenergy")),
+                 _total(merged.get("ret_aenergy")), merged.get("voltage"), merged.get("current"))]
     if ctype == "em1":
         if "act_power" not in delta:
             return []
-        return [(cid, merged["act_power"], _MISSING, merged.get("voltage"), merged.get("current"))]
+        return [(cid, merged["act_power"], _MISSING, _MISSING, merged.get("voltage"),
+                 merged.get("current"))]
     if ctype == "em1data":
-        if "total_act_energy" not in delta:
+        if "total_act_energy" not in delta and "total_act_ret_energy" not in delta:
             return []
-        return [(cid, _MISSING, merged["total_act_energy"], None, None)]
+        return [(cid, _MISSING, merged.get("total_act_energy", _MISSING),
+                 merged.get("total_act_ret_energy", _MISSING), None, None)]
     suffix = "" if cid == "0" else cid
-    out: list[tuple[str, object, object, object, object]] = []
+    out: list[Channel] = []
     if ctype == "em":
         for ph in _PHASES:
             key = ph + "_act_power"
             if key in delta:
-                out.append((ph + suffix, merged[key], _MISSING,
+                out.append((ph + suffix, merged[key], _MISSING, _MISSING,
                             merged.get(ph + "_voltage"), merged.get(ph + "_current")))
     else:  # emdata
         for ph in _PHASES:
-            key = ph + "_total_act_energy"
-            if key in delta:
-                out.append((ph + suffix, _MISSING, merged[key], None, None))
+            key, ret = ph + "_total_act_energy", ph + "_total_act_ret_energy"
+            if key in delta or ret in delta:
+                out.append((ph + suffix, _MISSING, merged.get(key, _MISSING),
+                            merged.get(ret, _MISSING), None, None))
     return out
-

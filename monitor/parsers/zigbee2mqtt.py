@@ -6,24 +6,32 @@ decides.  A JSON object is a device state; a bare value under a topic with a
 slash in the name part is an attribute topic (``output: attribute_and_json``)
 and is ignored, because the JSON state carries the same values.
 
-Keys (kWh and W, as Zigbee2MQTT exposes them): ``power`` W, ``energy`` kWh,
-``voltage`` V, ``current`` A.  Channel keys ``power_<c>``/``energy_<c>`` (with
-``voltage_<c>``/``current_<c>``), where ``<c>`` is ``l1``, ``l2``, ... , a
-single letter (``a``, ``b``), a number, ``left`` or ``right``, give channel
-readings ``zigbee2mqtt/<name>:<c>``.  Which meter a device is:
+Keys (kWh and W, as Zigbee2MQTT exposes them; a discovery config's unit wins):
+``power`` W (signed), ``energy`` kWh imported, ``produced_energy`` /
+``energy_produced`` kWh exported (``export_kwh``), ``voltage`` V, ``current`` A.
+Channel keys ``power_<c>``/``energy_<c>``/``energy_produced_<c>`` (with
+``voltage_<c>``/``current_<c>``), where ``<c>`` is ``l1``, ``l2``, ... , a single
+letter (``a``, ``b``), a number, ``left`` or ``right``, give channel readings
+``zigbee2mqtt/<name>:<c>``.  ``energy_flow[_<c>]`` = ``producing`` (Tuya
+bidirectional clamps report the magnitude of power and its direction apart)
+makes that power negative: production is never load.  Which meter a device is:
 
 1. a plain ``energy`` key: one meter ``zigbee2mqtt/<name>`` (``power`` and
-   ``energy``); channel keys are not emitted, they would count twice;
-2. else channel keys: one meter per channel; a plain ``power`` is ignored (it is
-   the sum of the channels);
+   ``energy``); channel keys are skipped (``phase_value``), they would count
+   twice;
+2. else channel keys: one meter per channel; a plain ``power`` (or
+   ``power_ab``) is skipped (``phase_sum``);
 3. else a plain ``power``: one meter ``zigbee2mqtt/<name>``;
-4. else not a meter (a bulb, a sensor): ignored.
+4. else not a meter (a bulb, a sensor): ignored (``state_without_energy``).
 
-``null`` values mean "not reported yet" and count as absent.  Keys such as
-``power_factor`` or ``power_on_behavior`` are not channels.  ``last_seen``
-(ISO 8601 with an offset, or epoch milliseconds) is the reading's time when
-present, else the receipt time.  An empty payload (Zigbee2MQTT clears the
-retained state of a removed or renamed device that way) is ignored.
+A bad value (a string, a negative counter) skips that value only, never the
+other channels.  ``null`` values mean "not reported yet" and count as absent.
+Keys such as ``power_factor`` or ``power_on_behavior`` are not channels;
+``power_reactive``/``power_apparent`` are skipped with their reasons.
+``last_seen`` (ISO 8601 with an offset, or epoch milliseconds) is the
+reading's time when present, else the receipt time.  An empty payload
+(Zigbee2MQTT clears the retained state of a removed or renamed device that
+way) is ignored (``cleared``).
 """
 
 from __future__ import annotations
@@ -31,27 +39,38 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from monitor.model import ParseError, ParseResult, Reading, TsSource
+from monitor.parsers.discovery import DiscoveryRegistry
 from monitor.parsers.common import (
-    IGNORED,
+    Values,
     aux,
     check_options,
     decode,
     epoch,
     kind,
+    ignored,
     load_json,
-    measurement,
     online,
     rfc3339,
     stamp,
 )
 
 _NAMED_CHANNELS = frozenset({"left", "right"})
+_POWER_SCALE = {"W": 1.0, "kW": 1000.0}
+_ENERGY_SCALE = {"Wh": 0.001, "kWh": 1.0, "MWh": 1000.0}
+_EXPORT_KEYS = ("produced_energy", "energy_produced", "exported_energy", "energy_export")
+#: channel key prefixes -> slot (0 power, 1 energy, 2 export energy); longest first
+_CHANNEL_KEYS = (("energy_produced_", 2), ("produced_energy_", 2), ("power_", 0),
+                 ("energy_", 1))
 
 
 class Zigbee2MqttParser:
     """Parser for ``format = "zigbee2mqtt"``.  Option ``base_topic`` (default ``zigbee2mqtt``)."""
 
-    def __init__(self, options: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, options: Mapping[str, object] | None = None,
+        registry: DiscoveryRegistry | None = None, topic_filter: str | None = None,
+    ) -> None:
+        self._registry = registry
         opts = check_options("zigbee2mqtt", options, ("base_topic",))
         base = opts.get("base_topic", "zigbee2mqtt")
         if not isinstance(base, str) or not base.strip("/"):
@@ -67,21 +86,32 @@ class Zigbee2MqttParser:
         if not rest:
             raise ParseError("unknown_topic", topic)
         if rest == "bridge" or rest.startswith("bridge/"):
-            return IGNORED
+            return ignored("not_energy_topic")
         name, sep, last = rest.rpartition("/")
         if sep and name:
             if last == "availability":
                 return _availability(name, payload)
             if last in ("set", "get") or "/set/" in rest or "/get/" in rest:
-                return IGNORED
+                return ignored("command")
         if not payload.strip():
-            return IGNORED  # an empty retained message clears a removed/renamed device
+            return ignored("cleared")  # an empty retained message clears a removed device
         doc = load_json(payload) if not sep else _maybe_json(payload)
         if not isinstance(doc, dict):
             if sep:
-                return IGNORED  # <base>/<name>/<attribute> with a bare value
+                return ignored("attribute_topic")  # <base>/<name>/<attribute>, a bare value
             raise ParseError("wrong_type", f"state of {rest!r} is {kind(doc)}, expected an object")
-        return _state("zigbee2mqtt/" + rest, doc, received_at)
+        return _state("zigbee2mqtt/" + rest, doc, received_at, self._scales(topic))
+
+    def _scales(self, topic: str) -> tuple[float, float]:
+        """(W per power unit, kWh per energy unit) the device's discovery config declares."""
+        if self._registry is None or not len(self._registry):
+            return 1.0, 1.0
+        power = self._registry.lookup(topic, "power")
+        energy = self._registry.lookup(topic, "energy")
+        return (
+            _POWER_SCALE.get(power.unit, 1.0) if power is not None else 1.0,
+            _ENERGY_SCALE.get(energy.unit, 1.0) if energy is not None else 1.0,
+        )
 
 
 def _maybe_json(payload: bytes) -> object:
@@ -114,61 +144,77 @@ def _is_channel(suffix: str) -> bool:
     return suffix[0] == "l" and suffix[1:].isdigit()
 
 
-def _state(device: str, doc: Mapping[str, object], received_at: float) -> ParseResult:
+def _state(
+    device: str, doc: Mapping[str, object], received_at: float, scales: tuple[float, float],
+) -> ParseResult:
     device_ts = _last_seen(doc.get("last_seen"))
     ts, source = stamp(device_ts, received_at)
-    energy = doc.get("energy")
-    if energy is not None:
-        return _single(device, doc, energy, ts=ts, source=source, device_ts=device_ts)
+    vals = Values()
+    w, kwh = scales
+    for key, why in (("power_reactive", "reactive_power"), ("power_apparent", "apparent_power"),
+                     ("energy_reactive", "reactive_energy")):
+        if doc.get(key) is not None:
+            vals.skip(why)
 
-    channels: dict[str, list[object]] = {}  # suffix -> [power, energy]
+    channels: dict[str, list[object]] = {}  # suffix -> [power, energy, export]
     for key, value in doc.items():
         if value is None:
             continue
-        if key.startswith("power_"):
-            slot = 0
-        elif key.startswith("energy_"):
-            slot = 1
-        else:
-            continue
-        suffix = key[7 if slot else 6:]
-        if suffix and _is_channel(suffix):
-            channels.setdefault(suffix, [None, None])[slot] = value
-    if channels:
-        readings = []
-        for suffix, (power, energy_c) in channels.items():
+        for head, slot in _CHANNEL_KEYS:
+            if key.startswith(head):
+                suffix = key[len(head):]
+                if suffix and _is_channel(suffix):
+                    channels.setdefault(suffix, [None, None, None])[slot] = value
+                break
+    if doc.get("power_ab") is not None:
+        vals.skip("phase_sum")
+
+    def power(raw: object, name: str, flow: object) -> float | None:
+        x = vals.power(raw, name)
+        if x is None:
+            return None
+        x = round(x * w, 6)
+        return -abs(x) if flow == "producing" else x
+
+    def counter(raw: object, name: str) -> float | None:
+        x = None if raw is None else vals.counter(raw, name)
+        return None if x is None else round(x * kwh, 9)
+
+    export_key = next((k for k in _EXPORT_KEYS if doc.get(k) is not None), None)
+    energy = doc.get("energy")
+    readings: list[Reading] = []
+    if energy is not None or (not channels and (
+            doc.get("power") is not None or export_key is not None)):
+        if channels:
+            vals.skip("phase_value")
+        p = doc.get("power")
+        pw = None if p is None else power(p, "power", doc.get("energy_flow"))
+        e = counter(energy, "energy")
+        x = counter(doc.get(export_key) if export_key else None, export_key or "")
+        if pw is not None or e is not None or x is not None:
             readings.append(Reading(
-                f"{device}:{suffix}", ts, source,
-                None if power is None else measurement(power, "power_" + suffix),
-                None if energy_c is None else measurement(energy_c, "energy_" + suffix),
+                device, ts, source, pw, e, voltage_v=aux(doc.get("voltage")),
+                current_a=aux(doc.get("current")), device_ts=device_ts, export_kwh=x,
+            ))
+        return vals.result(readings)
+    if channels:
+        if doc.get("power") is not None:
+            vals.skip("phase_sum")
+        for suffix, (p, e, x) in channels.items():
+            pw = None if p is None else power(p, "power_" + suffix,
+                                              doc.get("energy_flow_" + suffix))
+            ek = counter(e, "energy_" + suffix)
+            xk = counter(x, "energy_produced_" + suffix)
+            if pw is None and ek is None and xk is None:
+                continue
+            readings.append(Reading(
+                f"{device}:{suffix}", ts, source, pw, ek,
                 voltage_v=aux(doc.get("voltage_" + suffix)),
                 current_a=aux(doc.get("current_" + suffix)),
-                device_ts=device_ts,
+                device_ts=device_ts, export_kwh=xk,
             ))
-        return ParseResult(readings=tuple(readings))
-    if doc.get("power") is not None:
-        return _single(device, doc, None, ts=ts, source=source, device_ts=device_ts)
-    return IGNORED
-
-
-def _single(
-    device: str,
-    doc: Mapping[str, object],
-    energy: object,
-    *,
-    ts: float,
-    source: TsSource,
-    device_ts: float | None,
-) -> ParseResult:
-    power = doc.get("power")
-    return ParseResult(readings=(Reading(
-        device, ts, source,
-        None if power is None else measurement(power, "power"),
-        None if energy is None else measurement(energy, "energy"),
-        voltage_v=aux(doc.get("voltage")),
-        current_a=aux(doc.get("current")),
-        device_ts=device_ts,
-    ),))
+        return vals.result(readings)
+    return vals.result(nothing="state_without_energy")
 
 
 def _last_seen(raw: object) -> float | None:
