@@ -144,7 +144,7 @@ def _devices(fmt: str, name: str) -> tuple[str, ...]:
         "shelly_gen1": (f"shelly/{name}:0",),
         "shelly_gen2": (f"shelly/{name}:0",),
         "zigbee2mqtt": (f"zigbee2mqtt/{name}",),
-        "esphome": (f"esphome/{name}/power", f"esphome/{name}/energy"),
+        "esphome": (f"esphome/{name}",),
         "emonhub": (f"emonhub/{name}:1",),
         "mbmd": (f"mbmd/{name}",),
     }[fmt]

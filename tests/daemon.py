@@ -19,9 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(path: Path, port: int, body: str, *, site: str = "test-site",
-                 tz: str = "UTC", extra_site: str = "", http: bool = False) -> Path:
-    """A daemon config for a test broker: ``body`` holds sources/meters/rules."""
+                 tz: str = "UTC", extra_site: str = "", http: bool = False,
+                 unrated_max_kw: float | None = None) -> Path:
+    """A daemon config for a test broker: ``body`` holds sources/meters/rules.
+
+    ``unrated_max_kw`` lifts the plausibility bound of meters without ``rated_kw``
+    for tests that publish a counter's increments milliseconds apart.
+    """
     db = path.parent / "monitor.db"
+    if unrated_max_kw is not None:
+        line = f"unrated_max_kw = {unrated_max_kw:g}"
+        body = (body.replace("[intake]", "[intake]\n" + line, 1) if "[intake]" in body
+                else body + f"\n[intake]\n{line}\n")
     path.write_text(
         f"""
 [site]

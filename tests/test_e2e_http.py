@@ -77,7 +77,8 @@ def http_config(tmp_path: Path, broker_port: int, body: str, *, site: str = "tes
                 ) -> tuple[Path, int]:
     """A daemon config with ``[http]`` on a free loopback port."""
     port = free_port()
-    cfg = write_config(tmp_path / "d.toml", broker_port, body, site=site, http=True)
+    cfg = write_config(tmp_path / "d.toml", broker_port, body, site=site, http=True,
+                       unrated_max_kw=1e12)
     text = cfg.read_text()
     assert 'listen = "127.0.0.1:0"' in text
     cfg.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))

@@ -219,7 +219,8 @@ warn_at = [0.8, 0.95]
 [[webhooks]]
 url = "{receiver.url}"
 """
-    cfg = write_config(tmp_path / "d.toml", broker.port, body, tz=midday_zone())
+    cfg = write_config(tmp_path / "d.toml", broker.port, body, tz=midday_zone(),
+                       unrated_max_kw=1e12)
     log = tmp_path / "daemon.log"
     presence = Presence(broker.port)
     daemon = Daemon(cfg, log).start()
@@ -331,7 +332,7 @@ warn_at = [0.9]
 clear_below = 0.8
 hold_s = 3
 """
-    cfg = write_config(tmp_path / "d.toml", broker.port, body)
+    cfg = write_config(tmp_path / "d.toml", broker.port, body, unrated_max_kw=1e12)
     presence = Presence(broker.port)
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     pub = publisher(broker.port, "power-pub")
@@ -486,7 +487,7 @@ kind = "stale_data"
 scope = "site"
 max_silence_s = 2
 """
-    cfg = write_config(tmp_path / "d.toml", broker.port, body)
+    cfg = write_config(tmp_path / "d.toml", broker.port, body, unrated_max_kw=1e12)
     presence = Presence(broker.port)
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     pub = publisher(broker.port, "stale-pub")
@@ -631,7 +632,8 @@ id = "silence"
 kind = "stale_data"
 max_silence_s = 600
 """
-    cfg = write_config(tmp_path / "d.toml", broker.port, body, site="st-01", tz=tz)
+    cfg = write_config(tmp_path / "d.toml", broker.port, body, site="st-01", tz=tz,
+                       unrated_max_kw=1e12)
     presence = Presence(broker.port, "st-01")
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     pub = publisher(broker.port, "status-pub")
