@@ -755,8 +755,9 @@ def _garbage(fmt: str, valid: str, rng: random.Random) -> bytes:
     if valid.startswith("{"):
         nan = re.sub(r'(?<=":)-?[0-9.]+', "NaN", valid)  # every number becomes NaN
         wrong = re.sub(r'(?<=":)-?[0-9.]+', '"n/a"', valid)  # every number a string
-        kinds = [*common, valid[: len(valid) // 2].encode(), nan.encode(), wrong.encode(),
-                 b'"just a string"']
+        kinds = [*common, valid[: len(valid) // 2].encode(), b'"just a string"']
+        if fmt != "shelly_gen2":  # a Gen2 delta with bad values repeats the kept status
+            kinds += [nan.encode(), wrong.encode()]
         if fmt in ("json", "shelly_gen2"):  # elsewhere {} is a harmless non-meter message
             kinds.append(b"{}")
     else:

@@ -236,12 +236,21 @@ class GroupRun:
             return int((query(cfg, "SELECT count(*) FROM msg_seen") or [(0,)])[0][0])
 
         wait_for(lambda: seen() >= sent, 60, what=f"{self.name}: {sent} messages committed")
-        payload = json.dumps({"meter": MARKER_METER, "energy_kwh": 0.0, "seq": seq})
-        pub.publish(MARKER_TOPIC, payload, qos=1).wait_for_publish(10)
-        wait_for(lambda: (query(cfg, "SELECT count(*) FROM readings WHERE meter = ?",
-                                (MARKER_METER,)) or [(0,)])[0][0] >= seq, 60,
-                 what=f"{self.name}: marker {seq} committed")
-        return sent + 1
+        # The marker is sent again until it is committed: the first one may reach the
+        # broker before the daemon has subscribed (it is "up" once its store is open).
+        payload = json.dumps({"meter": MARKER_METER, "power_w": float(seq), "seq": seq})
+        deadline = time.monotonic() + 60
+        while True:
+            pub.publish(MARKER_TOPIC, payload, qos=1).wait_for_publish(10)
+            try:
+                wait_for(lambda: bool(query(cfg, "SELECT 1 FROM readings WHERE meter = ? AND "
+                                                 "power_w = ?", (MARKER_METER, float(seq)))),
+                         2, what=f"{self.name}: marker {seq} committed")
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+        return seen()  # everything before the marker is committed, markers lost or not
 
     def _read(self, cfg: Path) -> None:
         self.ledger = {str(m): int(v) / 1e6 for m, v in
