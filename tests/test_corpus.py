@@ -212,7 +212,7 @@ class GroupRun:
         todo = sorted((float(m.get("at_s", 0)), name, i, m) for name, i, m in msgs
                       if m.get("phase", "live") == phase)
         t0 = time.monotonic()
-        infos = []
+        infos: list[Any] = []
         for at_s, _, _, m in todo:
             delay = t0 + at_s - time.monotonic()
             if delay > 0:

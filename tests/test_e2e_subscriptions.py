@@ -67,7 +67,8 @@ format = "json"
     wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
     time.sleep(1.0)
     daemon.stop()
-    write_config(tmp_path / "d.toml", broker.port, both.split("[[sources]]\ntopic = \"gone")[0])
+    kept = both.split("[[sources]]\ntopic = \"gone", maxsplit=1)[0]
+    write_config(tmp_path / "d.toml", broker.port, kept)
     daemon.start()
     try:
         wait_for(lambda: "unsubscribing" in (tmp_path / "daemon.log").read_text(), 30,

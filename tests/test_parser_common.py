@@ -10,7 +10,7 @@ import pytest
 
 from monitor import config
 from monitor.model import ParseError, ParseResult, TsSource
-from monitor.parsers import IGNORE_REASONS, FORMATS, REASONS, Parser, make_parser
+from monitor.parsers import FORMATS, IGNORE_REASONS, REASONS, Parser, make_parser
 from monitor.parsers import common as c
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from monitor.model import Availability, EnergyScope, ParseError, ParseResult, TsSource
-from monitor.parsers import make_parser
+from monitor.parsers import DiscoveryRegistry, make_parser
 
 RECEIVED = 1_800_000_000.0
 # Topic shape from esphome-docs components/mqtt.rst,
@@ -165,8 +165,6 @@ def test_sdm_meter_example_counts_import_once_and_power_once() -> None:
 
 
 def test_discovery_declaration_decides_unit_and_quantity() -> None:
-    from monitor.parsers import DiscoveryRegistry
-
     reg = DiscoveryRegistry("homeassistant")
     reg.update("homeassistant/sensor/rig/meter_a/config",
                b'{"name": "Meter A", "stat_t": "rig/sensor/meter_a/state", '

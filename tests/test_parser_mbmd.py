@@ -33,7 +33,8 @@ def test_custom_base_topic() -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    ["mbmd/status", "mbmd/sdm1-1/Voltage", "mbmd/sdm1-1/Current", "mbmd/sdm1-1/Sum", "mbmd/sdm1-1/Frequency", "mbmd/sdm1-1/Power/L1",
+    ["mbmd/status", "mbmd/sdm1-1/Voltage", "mbmd/sdm1-1/Current", "mbmd/sdm1-1/Sum",
+     "mbmd/sdm1-1/Frequency", "mbmd/sdm1-1/Power/L1",
      "mbmd/sdm1-1/Import/L2"],
 )
 def test_ignored(topic: str) -> None:

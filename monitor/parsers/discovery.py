@@ -118,7 +118,8 @@ class DiscoveryRegistry:
             base = {k: v for k, v in doc.items() if k not in ("cmps", "components")}
             for cmp in cmps.values():
                 if not isinstance(cmp, dict):
-                    raise ParseError("wrong_type", f"a component is {kind(cmp)}, expected an object")
+                    raise ParseError("wrong_type",
+                                     f"a component is {kind(cmp)}, expected an object")
                 platform = cmp.get("p", cmp.get("platform"))
                 if platform in _MEASURING:
                     entries.append(self._entry({**base, **cmp}))

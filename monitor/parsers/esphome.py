@@ -143,7 +143,7 @@ def _by_declaration(decl: Declaration, tokens: list[str]) -> tuple[str | None, f
     cls = decl.device_class
     big = _DECLARED_UNITS.get(raw)
     if big is not None and cls in ("", big[0]):
-        named = _by_name(tokens + [big[0]])
+        named = _by_name([*tokens, big[0]])
         return (named if named in ("power", "import", "export", "export_power", "daily_total")
                 else "not_energy_value"), big[1]
     unit = raw.lower()
@@ -157,7 +157,7 @@ def _by_declaration(decl: Declaration, tokens: list[str]) -> tuple[str | None, f
         scale = _ENERGY_UNITS.get(unit)
         if scale is None and unit:
             return "not_energy_value", None
-        named = _by_name(tokens + ["energy"])
+        named = _by_name([*tokens, "energy"])
         if named in ("daily_total", "export", "reactive_energy", "apparent_energy"):
             return named, scale
         return "import", scale
@@ -179,7 +179,7 @@ def _rank(quantity: str, tokens: list[str]) -> int:
 
 
 class EsphomeParser:
-    """Parser for ``format = "esphome"``.  Keeps each sensor's role and each meter's best sensors."""
+    """Parser for ``format = "esphome"``.  Keeps sensor roles and each meter's best sensors."""
 
     def __init__(
         self, options: Mapping[str, object] | None = None,
@@ -229,10 +229,9 @@ class EsphomeParser:
             return ignored(role)
         key = (node, role.channel, role.quantity)
         best = self._best.get(key)
-        if best is not None and best[1] != name:
-            if best[0] >= role.rank:
-                return ignored("duplicate_power" if role.quantity == "power"
-                               else "duplicate_counter")
+        if best is not None and best[1] != name and best[0] >= role.rank:
+            return ignored("duplicate_power" if role.quantity == "power"
+                           else "duplicate_counter")
         if role.channel and (node, role.quantity) in self._device_level:
             return ignored("phase_value")
         device = f"esphome/{node}"

@@ -16,7 +16,7 @@ component                channel  power (W)        energy (Wh -> kWh)    export 
 =======================  =======  ===============  ====================  =========================
 ``switch:N``, ``pm1:N``  N        ``apower``       ``aenergy.total``     ``ret_aenergy.total``
 ``em:0`` (Pro 3EM)       a, b, c  ``a_act_power``  --                    --
-``emdata:0``             a, b, c  --               ``a_total_act_energy``  ``a_total_act_ret_energy``
+``emdata:0``             a, b, c  --               ``a_total_act_energy``  ``a_..._ret_energy``
 ``em1:N``                N        ``act_power``    --                    --
 ``em1data:N``            N        --               ``total_act_energy``  ``total_act_ret_energy``
 =======================  =======  ===============  ====================  =========================

@@ -38,21 +38,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from monitor.model import ParseError, ParseResult, Reading, TsSource
-from monitor.parsers.discovery import DiscoveryRegistry
+from monitor.model import ParseError, ParseResult, Reading
 from monitor.parsers.common import (
     Values,
     aux,
     check_options,
     decode,
     epoch,
-    kind,
     ignored,
+    kind,
     load_json,
     online,
     rfc3339,
     stamp,
 )
+from monitor.parsers.discovery import DiscoveryRegistry
 
 _NAMED_CHANNELS = frozenset({"left", "right"})
 _POWER_SCALE = {"W": 1.0, "kW": 1000.0}
@@ -200,11 +200,11 @@ def _state(
     if channels:
         if doc.get("power") is not None:
             vals.skip("phase_sum")
-        for suffix, (p, e, x) in channels.items():
-            pw = None if p is None else power(p, "power_" + suffix,
-                                              doc.get("energy_flow_" + suffix))
-            ek = counter(e, "energy_" + suffix)
-            xk = counter(x, "energy_produced_" + suffix)
+        for suffix, (cp, ce, cx) in channels.items():
+            pw = None if cp is None else power(cp, "power_" + suffix,
+                                               doc.get("energy_flow_" + suffix))
+            ek = counter(ce, "energy_" + suffix)
+            xk = counter(cx, "energy_produced_" + suffix)
             if pw is None and ek is None and xk is None:
                 continue
             readings.append(Reading(
