@@ -87,7 +87,10 @@ def http_config(tmp_path: Path, broker_port: int, body: str, *, site: str = "tes
 
 def send(pub: paho.Client, meter: str, seq: int, energy_kwh: float, power_w: float = 3250.0,
          ts: float | None = None) -> None:
-    body = {"meter": meter, "ts": round(time.time() if ts is None else ts, 3),
+    # Without an explicit ts, readings are stamped a second apart per seq (ending 20 s
+    # ago at seq 20): a counter step at the very same device time is implausible.
+    when = time.time() - 20 + seq if ts is None else ts
+    body = {"meter": meter, "ts": round(when, 3),
             "energy_kwh": round(energy_kwh, 6), "power_w": power_w, "seq": seq}
     pub.publish(f"site/{meter}/reading", json.dumps(body), qos=1).wait_for_publish(10)
 
