@@ -15,7 +15,7 @@ test: deps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 check: deps
-	$(PY) -m ruff check monitor tests bench scripts
+	$(PY) -m ruff check monitor sim tests bench scripts
 	$(PY) -m mypy --strict
 
 bench: deps

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # run as a script, or imported by a harness in be
     sys.path.insert(0, str(ROOT))
 
 from monitor.config import InfluxConfig  # noqa: E402
-from monitor.exporter import Exporter  # noqa: E402
+from monitor.outputs.exporter import Exporter  # noqa: E402
 from tests.tsdb import Row, add_meter, add_readings, open_store, victoria_metrics  # noqa: E402
 
 T0 = 1_790_000_000.0

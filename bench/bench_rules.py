@@ -1,6 +1,6 @@
 """Benchmark: one evaluation of a realistic rule set over 10,000 meters in 50 groups.
 
-``run()`` returns the median wall time in ms of :func:`monitor.rules.evaluate_all`
+``run()`` returns the median wall time in ms of :func:`monitor.rules.evaluate.evaluate_all`
 (target: <= 200 ms), plus the alert steps that follow it.  Each repetition gets
 a fresh :class:`Snapshot` so the per-snapshot scope index is rebuilt, as it is
 on every check of the daemon.  Writes nothing; the harness collects the dict.
@@ -20,9 +20,9 @@ from zoneinfo import ZoneInfo
 
 from pydantic import TypeAdapter
 
-from monitor.alerts import AlertState, step
 from monitor.config import Rule, SiteConfig
-from monitor.rules import (
+from monitor.rules.alerts import AlertState, step
+from monitor.rules.evaluate import (
     AnyRule,
     MeterSnapshot,
     Signal,

@@ -1,8 +1,8 @@
 """Benchmark: reading what the rules need from SQLite, for 10,000 meters in 50 groups.
 
-The rule check of the daemon is two steps: :func:`monitor.checks.build_snapshot`
+The rule check of the daemon is two steps: :func:`monitor.rules.check.build_snapshot`
 reads the meters, the period totals (``daily``) and the window totals
-(``ledger``) from the store, then :func:`monitor.rules.evaluate_all` decides
+(``ledger``) from the store, then :func:`monitor.rules.evaluate.evaluate_all` decides
 (``bench_rules.py`` times that second step alone).  This times the first step
 on a real store in WAL mode holding:
 
@@ -38,11 +38,11 @@ if str(ROOT) not in sys.path:  # run as a script, or imported by a harness in be
     sys.path.insert(0, str(ROOT))
 
 from bench.bench_rules import GROUPS, METERS, rule_set  # noqa: E402
-from monitor import rules  # noqa: E402
-from monitor.accounting import MeterState  # noqa: E402
-from monitor.checks import build_snapshot  # noqa: E402
 from monitor.config import Config  # noqa: E402
-from monitor.store import Store  # noqa: E402
+from monitor.core.accounting import MeterState  # noqa: E402
+from monitor.rules import evaluate as rules  # noqa: E402
+from monitor.rules.check import build_snapshot  # noqa: E402
+from monitor.store.ledger import Store  # noqa: E402
 
 TZ = "Asia/Irkutsk"
 DAYS = 30
@@ -166,7 +166,7 @@ def run(workdir: Path, meters: int = METERS, days: int = DAYS,
         for period in sorted(rules.periods_needed(cfg.rules)):
             start, _end, _label = rules.period_bounds(period, now, tz)
             first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
-            if period == "calendar_day":  # the same reads as monitor.checks.build_snapshot
+            if period == "calendar_day":  # the same reads as monitor.rules.check.build_snapshot
                 med, mx = _median_ms(partial(store.daily_totals, first, today), repeat)
                 steps[f"daily_totals.{period}"] = {"median_ms": med, "max_ms": mx}
             else:

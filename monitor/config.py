@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from monitor.parsers import make_parser
+from monitor.intake.parsers import make_parser
 
 FORMATS = (
     "json",

@@ -7,9 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from monitor import accounting
-from monitor.accounting import MeterParams, MeterState, split_buckets
-from monitor.model import EnergyScope, Reading, TsSource
+from monitor.core import accounting
+from monitor.core.accounting import MeterParams, MeterState, split_buckets
+from monitor.core.model import EnergyScope, Reading, TsSource
 
 P = MeterParams(rated_kw=None, max_gap_s=900, jitter_kwh=0.002)
 

@@ -13,9 +13,9 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor import accounting
-from monitor.accounting import ClockBounds, MeterParams, MeterState, bound_clock, split_mwh
-from monitor.model import EnergyScope, Reading, TsSource
+from monitor.core import accounting
+from monitor.core.accounting import ClockBounds, MeterParams, MeterState, bound_clock, split_mwh
+from monitor.core.model import EnergyScope, Reading, TsSource
 
 UNRATED = MeterParams(rated_kw=None, max_gap_s=900, jitter_kwh=0.002, unrated_max_kw=1000.0)
 

@@ -1,7 +1,7 @@
 """Orders end to end against a real mosquitto and a real SQLite store.
 
-The daemon's side is a real :class:`monitor.mqtt.MqttLink` publishing for
-:class:`monitor.actions.Actions`; an observer subscribed to ``#`` sees what
+The daemon's side is a real :class:`monitor.intake.mqtt.MqttLink` publishing for
+:class:`monitor.act.orders.Actions`; an observer subscribed to ``#`` sees what
 went over the wire, and a small device simulator obeys (or ignores) the
 commands by writing the meters' power into table ``meters``, as the intake
 would after the devices' next reports.  Time is an injected clock: waits for
@@ -24,13 +24,14 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor import audit, webhooks
-from monitor.actions import Actions, transaction
+from monitor.act import audit
+from monitor.act.orders import Actions, transaction
 from monitor.config import Config, parse
+from monitor.intake.mqtt import MqttLink
 from monitor.metrics import Metrics
-from monitor.mqtt import MqttLink
-from monitor.rules import Verdict
-from monitor.store import Store
+from monitor.outputs import webhooks
+from monitor.rules.evaluate import Verdict
+from monitor.store.ledger import Store
 from tests.servers import Mosquitto
 
 SITE = "irk-01"

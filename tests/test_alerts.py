@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from monitor.alerts import (
+from monitor.config import (
+    CurtailmentRule,
+    EnergyCapRule,
+    PowerCapRule,
+    StaleDataRule,
+)
+from monitor.rules.alerts import (
     MAX_METER_EVENTS,
     AlertState,
     AlertStore,
@@ -17,14 +23,8 @@ from monitor.alerts import (
     on_actions,
     step,
 )
-from monitor.config import (
-    CurtailmentRule,
-    EnergyCapRule,
-    PowerCapRule,
-    StaleDataRule,
-)
-from monitor.rules import AnyRule, State, Verdict
-from monitor.schema import MIGRATIONS
+from monitor.rules.evaluate import AnyRule, State, Verdict
+from monitor.store.schema import MIGRATIONS
 
 T0 = 1_795_000_000.0
 

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from monitor import config, rules
-from monitor.checks import build_snapshot
-from monitor.intake import Intake
+from monitor import config
+from monitor.app.service import Service
+from monitor.core.model import Message
+from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
-from monitor.model import Message
-from monitor.service import Service
-from monitor.store import IntakeBatch, Rollup, Store
+from monitor.rules import evaluate as rules
+from monitor.rules.check import build_snapshot
+from monitor.store.ledger import IntakeBatch, Rollup, Store
 
 CFG = """
 [site]

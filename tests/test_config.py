@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from monitor import config
-from monitor.cli import main
+from monitor.app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
 In the spirit of sqlite-utils' ``tests/test_docs.py``: the lists come from the
 code itself (the pydantic models of :mod:`monitor.config`, the argparse tree of
-:func:`monitor.cli.build_parser`, the parsers' option names), so a new config
+:func:`monitor.app.cli.build_parser`, the parsers' option names), so a new config
 key, command or option fails a test until it is documented.
 
 - every key of every model reachable from :class:`monitor.config.Config` is in
@@ -33,8 +33,9 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from monitor import cli, config
-from monitor.parsers import FORMATS, make_parser
+from monitor import config
+from monitor.app import cli
+from monitor.intake.parsers import FORMATS, make_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -8,9 +8,9 @@ mosquitto.  The outside world is real too:
   every signature and records every request by its event id;
 * :class:`Recorder` is a paho client subscribed to ``#``: every order and every
   device command the daemon publishes (and nothing it should not);
-* the site is :func:`monitor.simulate.simulate` in a thread, obeying (or
+* the site is :func:`sim.simulate.simulate` in a thread, obeying (or
   ignoring) device commands and orders, its meters configured in the daemon by
-  :func:`monitor.simulate.config_snippet`.
+  :func:`sim.simulate.config_snippet`.
 
 No assertion is about speed: every wait is bounded, and what is asserted is
 what was received, recorded or published.
@@ -39,7 +39,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor import simulate
+from sim import simulate
 from tests.daemon import ROOT, Daemon, db_path, publisher, query, wait_for, write_config
 from tests.servers import Mosquitto, free_port
 

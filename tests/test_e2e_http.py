@@ -2,7 +2,7 @@
 
 ``/healthz`` follows the broker going away and coming back (a subprocess daemon);
 ``/metrics``, ``/api/status`` and ``/`` show what was ingested; and a store that
-cannot be written (an in-process :class:`~monitor.service.Service` whose database
+cannot be written (an in-process :class:`~monitor.app.service.Service` whose database
 another connection holds locked) keeps every reading unacknowledged at the broker
 until it can commit them, exactly once; and webhook events that wait too long for
 their endpoint make ``/healthz`` say so.
@@ -24,9 +24,9 @@ import paho.mqtt.client as paho
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import monitor.store
+import monitor.store.ledger
 from monitor import config
-from monitor.service import Service
+from monitor.app.service import Service
 from tests.daemon import Daemon, publisher, query, status_json, wait_for, write_config
 from tests.servers import Mosquitto, free_port
 
@@ -251,17 +251,17 @@ def test_locked_store_holds_readings_unacknowledged_and_commits_them_once(
 
     The daemon's commits wait SQLite's busy timeout (30 s in production) and then
     fail; here the in-process service's connections get 250 ms instead, by wrapping
-    ``monitor.store.connect`` (the one place every store connection is opened), so
+    ``monitor.store.ledger.connect`` (the one place every store connection is opened), so
     the failure is seen within the test without holding the lock for 30 s.
     """
-    real_connect = monitor.store.connect
+    real_connect = monitor.store.ledger.connect
 
     def quick_connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
         conn = real_connect(path, readonly=readonly)
         conn.execute("PRAGMA busy_timeout=250")
         return conn
 
-    monkeypatch.setattr(monitor.store, "connect", quick_connect)
+    monkeypatch.setattr(monitor.store.ledger, "connect", quick_connect)
     receive_maximum = 10
     cfg_path, port = http_config(
         tmp_path, broker.port,

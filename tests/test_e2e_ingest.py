@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import simulate
+from sim import simulate
 from tests.daemon import Daemon, publisher, query, status_json, wait_for, write_config
 from tests.servers import Mosquitto
 

@@ -22,11 +22,11 @@ import paho.mqtt.client as paho
 import pytest
 
 from monitor import config
-from monitor.checks import Checker
-from monitor.intake import Intake
+from monitor.core.model import Message
+from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
-from monitor.model import Message
-from monitor.store import Store
+from monitor.rules.check import Checker
+from monitor.store.ledger import Store
 from tests.daemon import Daemon, publisher, query, status_json, wait_for, write_config
 from tests.servers import Mosquitto, free_port
 

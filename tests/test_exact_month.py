@@ -10,14 +10,15 @@ import random
 import tomllib
 from pathlib import Path
 
-from monitor import config, rules
-from monitor import status as status_mod
-from monitor.checks import Checker, build_snapshot
-from monitor.intake import Intake
+from monitor import config
+from monitor.app import status as status_mod
+from monitor.core.model import Message
+from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
-from monitor.model import Message
-from monitor.report import build_report
-from monitor.store import Store
+from monitor.report.build import build_report
+from monitor.rules import evaluate as rules
+from monitor.rules.check import Checker, build_snapshot
+from monitor.store.ledger import Store
 
 METERS = 4
 STEP_S = 600  # a reading every 10 minutes

@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr
 
 from monitor.config import InfluxConfig
-from monitor.exporter import (
+from monitor.outputs.exporter import (
     DEAD_LETTER_KIND,
     ExportClosedError,
     Exporter,

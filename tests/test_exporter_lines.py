@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from monitor.exporter import (
+from monitor.outputs.exporter import (
     ExportRefusedError,
     ExportRejectedError,
     ExportUnavailableError,

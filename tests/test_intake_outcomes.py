@@ -10,10 +10,10 @@ import tomllib
 from pathlib import Path
 
 from monitor import config
-from monitor.intake import Intake
+from monitor.core.model import Message
+from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
-from monitor.model import Message
-from monitor.store import Store
+from monitor.store.ledger import Store
 
 BASE = """
 [site]

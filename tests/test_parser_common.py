@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from monitor import config
-from monitor.model import ParseError, ParseResult, TsSource
-from monitor.parsers import FORMATS, IGNORE_REASONS, REASONS, Parser, make_parser
-from monitor.parsers import common as c
+from monitor.core.model import ParseError, ParseResult, TsSource
+from monitor.intake.parsers import FORMATS, IGNORE_REASONS, REASONS, Parser, make_parser
+from monitor.intake.parsers import common as c
 
 ROOT = Path(__file__).resolve().parent.parent
 PARSERS = ROOT / "monitor" / "parsers"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.model import Availability, EnergyScope, ParseError, ParseResult, TsSource
-from monitor.parsers import DiscoveryRegistry, make_parser
+from monitor.core.model import Availability, EnergyScope, ParseError, ParseResult, TsSource
+from monitor.intake.parsers import DiscoveryRegistry, make_parser
 
 RECEIVED = 1_800_000_000.0
 # Topic shape from esphome-docs components/mqtt.rst,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.model import EnergyScope, ParseError, ParseResult, TsSource
-from monitor.parsers import make_parser
+from monitor.core.model import EnergyScope, ParseError, ParseResult, TsSource
+from monitor.intake.parsers import make_parser
 
 RECEIVED = 1_800_000_000.0
 # Topic and payload shape from volkszaehler/mbmd server/mqtt.go (fmt.Sprintf("%.3f")),

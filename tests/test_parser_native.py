@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from monitor.model import EnergyScope, ParseError, ParseResult, TsSource
-from monitor.parsers import make_parser
+from monitor.core.model import EnergyScope, ParseError, ParseResult, TsSource
+from monitor.intake.parsers import make_parser
 
 RECEIVED = 1_800_000_000.0
 # The example object of SPEC.md, "Device formats and meter ids".

@@ -14,8 +14,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from monitor.model import ParseError
-from monitor.parsers import FORMATS, IGNORE_REASONS, REASONS, DiscoveryRegistry, make_parser
+from monitor.core.model import ParseError
+from monitor.intake.parsers import FORMATS, IGNORE_REASONS, REASONS, DiscoveryRegistry, make_parser
 
 SEGMENTS = st.sampled_from([
     "tele", "stat", "cmnd", "SENSOR", "LWT", "STATE", "shellies", "relay", "emeter", "0", "1",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from monitor.model import Availability, EnergyScope, ParseError, ParseResult, TsSource
-from monitor.parsers import make_parser
+from monitor.core.model import Availability, EnergyScope, ParseError, ParseResult, TsSource
+from monitor.intake.parsers import make_parser
 
 RECEIVED = 1_800_000_000.0
 # Topics and units from the official Gen1 API doc, https://shelly-api-docs.shelly.cloud/gen1/

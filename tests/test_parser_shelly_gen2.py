@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from monitor.model import Availability, ParseError, ParseResult, Reading, TsSource
-from monitor.parsers import Parser, make_parser
+from monitor.core.model import Availability, ParseError, ParseResult, Reading, TsSource
+from monitor.intake.parsers import Parser, make_parser
 
 RECEIVED = 1_800_000_000.0
 DEV = "shellypro4pm-f008d1d8b8b8"

@@ -10,7 +10,7 @@ import pytest
 
 from monitor import config
 from monitor.config import Config
-from monitor.rules import Snapshot, applies, evaluate_all
+from monitor.rules.evaluate import Snapshot, applies, evaluate_all
 
 PROFILE = Path(__file__).resolve().parent.parent / "deploy" / "profiles" / "ru-2024.toml"
 

@@ -22,10 +22,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from monitor import __version__, audit
-from monitor import report as rp
+from monitor import __version__
+from monitor.act import audit
 from monitor.config import Config, parse
-from monitor.store import Store
+from monitor.report import build as rp
+from monitor.store.ledger import Store
 
 IRK = ZoneInfo("Asia/Irkutsk")
 BER = ZoneInfo("Europe/Berlin")

@@ -9,7 +9,14 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from monitor.config import BanWindowRule, SiteConfig
-from monitor.rules import MeterSnapshot, Snapshot, Verdict, ban_spans, evaluate, evaluate_all
+from monitor.rules.evaluate import (
+    MeterSnapshot,
+    Snapshot,
+    Verdict,
+    ban_spans,
+    evaluate,
+    evaluate_all,
+)
 
 IRK = "Asia/Irkutsk"
 MIN = 60.0

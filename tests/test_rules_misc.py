@@ -15,7 +15,7 @@ from monitor.config import (
     SiteConfig,
     StaleDataRule,
 )
-from monitor.rules import (
+from monitor.rules.evaluate import (
     RUN_RATE_WINDOW_S,
     AnyRule,
     MeterSnapshot,

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from monitor.app.scheduler import Scheduler
 from monitor.metrics import Metrics
-from monitor.scheduler import Scheduler
 
 
 def test_a_failing_job_is_counted_and_still_runs_again(caplog: pytest.LogCaptureFixture) -> None:

@@ -3,7 +3,7 @@
 The subscriber's view is decoded here by an independent, strict reader of each
 device format (not the project's parsers), so these tests check the wire
 format, the fault injection and the ground-truth arithmetic from the outside.
-The last tests feed the same messages to ``monitor.parsers``.
+The last tests feed the same messages to ``monitor.intake.parsers``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from monitor import config as config_mod
-from monitor import simulate as sim
-from monitor.model import ParseError
-from monitor.simulate import Fleet, MemorySink, SimOptions, Simulator, Truth
+from monitor.core.model import ParseError
+from sim import simulate as sim
+from sim.simulate import Fleet, MemorySink, SimOptions, Simulator, Truth
 from tests.servers import Mosquitto, free_port
 
 START = 1_764_208_800.0  # 2025-11-27T02:00:00Z
@@ -833,7 +833,7 @@ def test_cli_broker_down_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_every_payload_parses_to_the_device_ids_and_garbage_is_a_parse_error(
         broker: Mosquitto, capture: Capture) -> None:
-    parsers = pytest.importorskip("monitor.parsers")
+    parsers = pytest.importorskip("monitor.intake.parsers")
     fleet = Fleet.build(16, ALL, seed=21, interval_s=10)
     options = SimOptions(duration_s=1800, speed=0, start=START, seed=21, reboot_prob=0.02,
                          dup_prob=0.05, garbage_prob=0.2, gap_prob=0.05)
@@ -891,7 +891,7 @@ def test_every_payload_parses_to_the_device_ids_and_garbage_is_a_parse_error(
 
 
 def test_availability_payloads_parse_per_format() -> None:
-    parsers = pytest.importorskip("monitor.parsers")
+    parsers = pytest.importorskip("monitor.intake.parsers")
     fleet = Fleet.build(8, ALL, seed=1)
     sink = MemorySink()
     Simulator(fleet, SimOptions(duration_s=0, speed=0, start=START), sink).run()

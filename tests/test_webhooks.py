@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from monitor import webhooks as wh
 from monitor.config import WebhookConfig
-from monitor.schema import MIGRATIONS
+from monitor.outputs import webhooks as wh
+from monitor.store.schema import MIGRATIONS
 from tests.servers import free_port
 
 T0 = 1_795_000_000.0
@@ -124,7 +124,7 @@ def db(tmp_path: Path) -> Path:
     path = tmp_path / "monitor.db"
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        from monitor.store import migrate  # noqa: PLC0415 -- use the store's migrations if present
+        from monitor.store.ledger import migrate  # noqa: PLC0415 -- use the store's migrations if present
     except ImportError:
         for _, sql in sorted(MIGRATIONS):
             conn.executescript(sql)

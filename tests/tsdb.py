@@ -15,7 +15,7 @@ It keeps duplicate samples (no ``-dedup.minScrapeInterval`` here), so
 lets the exporter's tests count "exactly once".
 
 InfluxDB 1.6 has no ``/api/v2/write``; tests load it through ``/write`` with
-lines built by :mod:`monitor.exporter` and query it with InfluxQL.
+lines built by :mod:`monitor.outputs.exporter` and query it with InfluxQL.
 """
 
 from __future__ import annotations
@@ -434,18 +434,18 @@ class FaultProxy:
 def open_store(path: Path) -> sqlite3.Connection:
     """A real SQLite store with the project's schema (autocommit connection).
 
-    Uses ``monitor.store.migrate`` when that module provides it, else applies
-    :data:`monitor.schema.MIGRATIONS` directly.
+    Uses ``monitor.store.ledger.migrate`` when that module provides it, else applies
+    :data:`monitor.store.schema.MIGRATIONS` directly.
     """
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     migrate: Any = None
     with contextlib.suppress(ImportError):
-        migrate = getattr(importlib.import_module("monitor.store"), "migrate", None)
+        migrate = getattr(importlib.import_module("monitor.store.ledger"), "migrate", None)
     if migrate is not None:
         migrate(conn)
     else:
-        from monitor.schema import MIGRATIONS  # noqa: PLC0415
+        from monitor.store.schema import MIGRATIONS  # noqa: PLC0415
 
         for _, sql in sorted(MIGRATIONS):
             conn.executescript(sql)

@@ -1,0 +1,1 @@
+"""Orders (plan, issue, verify, publish), events and the audit trail."""

@@ -1,0 +1,1 @@
+"""Wiring: the service, scheduler, CLI and HTTP surface."""

@@ -1,0 +1,1 @@
+"""Values and energy accounting, pure: no I/O, no clock, no threads."""

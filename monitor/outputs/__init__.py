@@ -1,0 +1,1 @@
+"""What leaves the gateway: InfluxDB export and webhooks, with one retry policy."""

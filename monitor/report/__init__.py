@@ -1,0 +1,1 @@
+"""The regulator's report: build (figures) separate from render (formats)."""

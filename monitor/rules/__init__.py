@@ -1,0 +1,1 @@
+"""Limit evaluation, alert state and the scheduled check."""

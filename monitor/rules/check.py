@@ -1,0 +1,249 @@
+"""The scheduled rule check: store -> snapshot -> verdicts -> alert states -> events/orders.
+
+Called from one scheduler job (never concurrently with itself).  Everything a
+check decides -- new alert states, events, audit entries, export lines and
+orders -- is written in ONE transaction, so a crash either keeps all of it or
+none (and the next check decides again: no event is lost or doubled).  Orders
+are published only after that commit (:meth:`Actions.publish_pending`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from monitor.act import audit
+from monitor.act.events import emit
+from monitor.config import Config
+from monitor.metrics import Metrics
+from monitor.outputs.exporter import rule_line
+from monitor.rules import alerts
+from monitor.rules import evaluate as rules
+from monitor.rules.alerts import AlertState, AlertStore
+from monitor.store.ledger import Store
+
+log = logging.getLogger(__name__)
+
+STATE_INT = {"ok": 0, "warning": 1, "breach": 2}
+MAX_UNKNOWN_EVENTS = 20  # meter.unknown events per check
+
+
+class OrderSink(Protocol):
+    """What the check needs from the actions layer (:class:`monitor.act.orders.Actions`)."""
+
+    def apply(self, conn: sqlite3.Connection, verdict: rules.Verdict, actions: Iterable[str],
+              breach_cleared: bool, now: float) -> Sequence[object]: ...
+
+    def publish_pending(self, conn: sqlite3.Connection, now: float | None = None) -> int: ...
+
+
+@dataclass
+class CheckResult:
+    verdicts: list[rules.Verdict] = field(default_factory=list)
+    events: int = 0
+    orders: int = 0
+
+
+def build_snapshot(store: Store, config: Config, now: float,
+                   watching_since: float | None = None) -> rules.Snapshot:
+    """Read what the configured rules need from the store, as of ``now``.
+
+    ``watching_since`` (the daemon's start) stands in for the last reading of a
+    meter that has never reported: it is silent since we started listening,
+    not since the beginning of time, so a fresh install does not report every
+    configured meter stale at its first check.
+    """
+    tz = config.site.tz
+    configured = {m.id: m for m in config.meters}
+    default_interval = config.intake.expected_interval_s
+    meters: dict[str, rules.MeterSnapshot] = {}
+    # fresh meters: the span of their accounted data (first reading .. last reading)
+    reported: dict[str, tuple[float, float]] = {}
+    for row in store.meters():
+        mc = configured.get(row.id)
+        interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
+        fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
+        if fresh and row.last_seen is not None:
+            reported[row.id] = (row.first_seen or row.last_seen, row.last_seen)
+        meters[row.id] = rules.MeterSnapshot(
+            id=row.id, group=mc.group if mc else row.group,
+            rated_kw=mc.rated_kw if mc else None,
+            last_seen=row.last_seen if row.last_seen is not None else watching_since,
+            online=row.online,
+            power_w=row.power_w if fresh else None, expected_interval_s=interval)
+    period_kwh: dict[str, dict[str, float]] = {}
+    period_gap: dict[str, dict[str, float]] = {}
+    for period in rules.periods_needed(config.rules):
+        start, _end, _label = rules.period_bounds(period, now, tz)
+        first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
+        today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
+        if period == "calendar_day":
+            totals = store.daily_totals(first, today)
+        else:  # months and years: whole local months from the monthly rollup
+            totals = store.monthly_totals(first[:7], today[:7])
+        period_kwh[period] = {m: v[0] for m, v in totals.items()}
+        period_gap[period] = {m: v[1] for m, v in totals.items()}
+    windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported)
+               for w in rules.windows_needed(config.rules)}
+    signals = {
+        topic: rules.Signal(target_kw=kw if kw is not None else 0.0,
+                            until=until if until is not None else 0.0, received_at=at)
+        for topic, kw, until, at in store.conn.execute(
+            "SELECT topic, target_kw, until, received_at FROM signals")
+    }
+    return rules.Snapshot(now=now, site=config.site, meters=meters, period_kwh=period_kwh,
+                          period_gap_kwh=period_gap, window_kwh=windows, signals=signals)
+
+
+def _up_to_now(kwh: dict[str, float], window_s: float, now: float,
+               reported: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Scale each fresh meter's window energy from the span its readings cover to the
+    whole window.
+
+    A meter's energy is accounted up to its last reading, so the last reporting
+    interval of a window is always missing: a Tasmota at its default 300 s
+    TelePeriod would read up to a third low over a 900 s power-cap window, and
+    a cap would breach late.  Only meters that are fresh (reported within twice
+    their interval) and cover at least half the window are scaled; a silent or
+    offline meter is never carried forward.  A meter first seen inside the
+    window covers only the span since then.
+    """
+    start = now - window_s
+    out = dict(kwh)
+    for meter, value in kwh.items():
+        span = reported.get(meter)
+        if span is None or not start < span[1] < now:
+            continue
+        covered = span[1] - max(start, span[0])
+        if covered >= window_s / 2:
+            out[meter] = value * window_s / covered
+    return out
+
+
+class Checker:
+    """Runs one check per call of :meth:`run`.  Owned by the scheduler's check job."""
+
+    def __init__(self, config: Config, metrics: Metrics, actions: OrderSink | None,
+                 started_at: float | None = None) -> None:
+        self.config = config
+        self.started_at = started_at
+        self.metrics = metrics
+        self.actions = actions
+        self.rules_by_id = {r.id: r for r in config.rules}
+        self._first_run = True
+
+    def run(self, store: Store, now: float) -> CheckResult:
+        snap = build_snapshot(store, self.config, now, self.started_at)
+        verdicts = rules.evaluate_all(self.config.rules, snap)
+        res = CheckResult(verdicts=verdicts)
+        site = self.config.site.id
+        with store.transaction() as conn:
+            states = AlertStore(conn)
+            known = states.load_all()
+            for v in verdicts:
+                rule = self.rules_by_id[v.rule]
+                prev = known.get((v.rule, v.scope))
+                new, drafts = alerts.step(prev, v, now, rule)
+                if new != prev:
+                    states.save(new)
+                if prev is None or new.state != prev.state:
+                    audit.append(conn, "rule.transition", _transition(v, prev, new), now)
+                conn.execute("INSERT INTO export_outbox (line) VALUES (?)", (rule_line(
+                    site, v.rule, v.scope, v.value, v.limit, v.ratio, v.projected,
+                    STATE_INT[v.state], now),))
+                for d in drafts:
+                    emit(conn, self.config, d.body(site=site, event_id=str(uuid.uuid4())), now,
+                         deliver="alert" in d.actions)
+                    res.events += 1
+                res.orders += self._act(conn, v, drafts, now)
+                if self._first_run and prev is not None and not drafts:
+                    res.orders += self._enforce_standing_breach(conn, v, prev, now)
+                self.metrics.rule_state.labels(v.rule, v.scope).set(STATE_INT[v.state])
+                if v.ratio is not None:
+                    self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
+            res.events += self._unknown_meters(conn, now)
+            # a rule removed from the config (or no longer matching the site) leaves
+            # no stale state behind in `status`
+            current = {(v.rule, v.scope) for v in verdicts}
+            for key in set(known) - current:
+                states.delete(*key)
+        self._first_run = False
+        if self.actions is not None and res.orders:
+            self.actions.publish_pending(store.conn)
+        return res
+
+    def _unknown_meters(self, conn: sqlite3.Connection, now: float) -> int:
+        """``meter.unknown`` once per device that reported but no ``[[meters]]`` entry names.
+
+        Such a meter is read (``intake.allow_unconfigured``) but sits outside every
+        group cap and has no control topic, so a new rig must be noticed.  At most
+        ``MAX_UNKNOWN_EVENTS`` per check; the rest are noticed by the next checks."""
+        configured = [m.id for m in self.config.meters]
+        marks = ",".join("?" * len(configured))
+        rows = conn.execute(
+            "SELECT id, device, format, first_seen FROM meters WHERE first_seen IS NOT NULL"
+            f"{f' AND id NOT IN ({marks})' if configured else ''}"
+            " AND id NOT IN (SELECT meter FROM meter_notices WHERE kind = 'meter.unknown')"
+            " ORDER BY first_seen, id LIMIT ?", (*configured, MAX_UNKNOWN_EVENTS + 1)).fetchall()
+        if not rows:
+            return 0
+        shown = rows[:MAX_UNKNOWN_EVENTS]
+        deliver = self.config.intake.allow_unconfigured
+        for mid, device, fmt, first in shown:
+            msg = (f"unknown device {device} ({fmt}) is reporting as meter {mid}, outside "
+                   "every group and without a control topic: add it to [[meters]]")
+            log.warning("meter.unknown meter=%s device=%s format=%s", mid, device, fmt)
+            emit(conn, self.config, {
+                "kind": "meter.unknown", "severity": "warning", "rule": "",
+                "scope": f"meter:{mid}", "message": msg, "value": None, "limit": None,
+                "unit": "", "period": "", "projected": None, "first_seen": first}, now,
+                deliver=deliver)
+        conn.executemany("INSERT OR IGNORE INTO meter_notices (meter, kind, at)"
+                         " VALUES (?, 'meter.unknown', ?)", [(r[0], now) for r in shown])
+        return len(shown)
+
+    def _act(self, conn: sqlite3.Connection, v: rules.Verdict,
+             drafts: Sequence[alerts.EventDraft], now: float) -> int:
+        if self.actions is None or not drafts:
+            return 0
+        # on_warn or on_breach, whichever the transition fired; reminders carry only alert
+        wanted, cleared = alerts.on_actions(drafts)
+        if not cleared and not set(wanted) & {"shutdown", "limit"}:
+            return 0
+        return len(self.actions.apply(conn, v, wanted, cleared, now))
+
+
+    def _enforce_standing_breach(self, conn: sqlite3.Connection, v: rules.Verdict,
+                                 prev: AlertState, now: float) -> int:
+        """At the first check after a start in live mode: a breach that began earlier
+        (in dry run, or before a crash) and was never acted on live gets its
+        ``on_breach`` orders now.  Without this, switching a commissioned site from
+        ``dry_run`` to ``live`` in the middle of a ban would never stop the load,
+        because orders fire only when a rule *enters* breach.  A breach that was
+        acted on live (even if an operator resumed since) is left alone."""
+        if self.actions is None or self.config.actions.mode != "live":
+            return 0
+        rule = self.rules_by_id[v.rule]
+        wanted = [a for a in rule.on_breach if a in ("shutdown", "limit")]
+        if v.state != "breach" or prev.state != "breach" or not wanted:
+            return 0
+        acted = conn.execute(
+            "SELECT 1 FROM orders WHERE rule = ? AND scope = ? AND dry_run = 0"
+            " AND action IN ('shutdown', 'limit') AND issued_at >= ? LIMIT 1",
+            (v.rule, v.scope, prev.since or 0.0)).fetchone()
+        if acted:
+            return 0
+        log.warning("rule %s on %s has been in breach since %s without a live order: "
+                    "ordering %s now", v.rule, v.scope, prev.since, "/".join(wanted))
+        return len(self.actions.apply(conn, v, wanted, False, now))
+
+
+def _transition(v: rules.Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
+    return {"rule": v.rule, "scope": v.scope, "from": prev.state if prev else None,
+            "to": new.state, "value": v.value, "limit": v.limit, "unit": v.unit,
+            "period": v.period, "message": v.message}

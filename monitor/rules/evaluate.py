@@ -1,0 +1,903 @@
+"""Rule evaluation: a snapshot of the site in, one verdict per (rule, scope) out.
+
+Everything here is pure: the clock (``Snapshot.now``), the totals and the
+curtailment signals are values the caller puts into a :class:`Snapshot`; no
+function reads the clock, the database, the environment or the network.  That
+is what makes month ends, DST changes and ban windows testable.
+
+The caller (the scheduler's check job) does, once per check:
+
+1. ``windows_needed(rules)`` and ``periods_needed(rules)`` tell it which
+   totals to query;
+2. build a :class:`Snapshot` from the store (see the field comments);
+3. ``evaluate_all(rules, snap)`` -> verdicts, then hand each verdict to
+   :func:`monitor.rules.alerts.step` together with the stored alert state.
+
+Scopes: ``site`` = every meter (for energy: every meter that has energy in the
+mapping, so a meter removed from the config still counts), ``group:NAME`` =
+the meters whose ``group`` is NAME, ``meter:ID`` = that meter.
+
+Time: Unix seconds (UTC floats).  Calendar periods and ban-window dates are in
+the site's time zone; a local midnight is resolved with :mod:`zoneinfo`, so
+days of 23 or 25 hours are handled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+from monitor.config import (
+    BanWindowRule,
+    CurtailmentRule,
+    EnergyCapRule,
+    PowerCapRule,
+    ReconcileRule,
+    SiteConfig,
+    StaleDataRule,
+)
+from monitor.core.accounting import MWH_PER_KWH
+
+AnyRule = (
+    EnergyCapRule | PowerCapRule | BanWindowRule | StaleDataRule | CurtailmentRule | ReconcileRule
+)
+State = Literal["ok", "warning", "breach"]
+
+#: the run-rate window for energy-cap projections (the snapshot must hold it)
+RUN_RATE_WINDOW_S = 3600.0
+#: reconcile compares nothing while the main meter averages less than this
+RECONCILE_MIN_MAIN_KW = 0.5
+#: how many meter names a message lists before it says "+N more"
+MAX_LISTED = 10
+
+_DAY = dt.timedelta(days=1)
+_PERIOD_WORD = {"calendar_day": "daily", "calendar_month": "monthly", "calendar_year": "yearly"}
+
+
+class SnapshotError(ValueError):
+    """The snapshot lacks data a rule needs (a bug in the snapshot builder, never user data)."""
+
+
+# --------------------------------------------------------------------------- values in
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """The latest curtailment request received on a topic."""
+
+    target_kw: float
+    until: float  # Unix seconds; the request is active while until > now
+    received_at: float
+
+    def active(self, now: float) -> bool:
+        return self.until > now
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSnapshot:
+    """One meter as the rules see it.
+
+    ``last_seen`` is the time of its last reading (``None``: never seen);
+    ``online`` is False after its last will said offline; ``power_w`` is its
+    latest power (``None``: unknown or stale); ``expected_interval_s`` how often
+    it normally reports (the meter's own setting, else the intake default).
+    """
+
+    id: str
+    group: str
+    rated_kw: float | None
+    last_seen: float | None
+    online: bool
+    power_w: float | None
+    expected_interval_s: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the rules read, taken at one instant ``now``.
+
+    Mappings from meter id to kWh may omit meters with nothing accounted (they
+    count as 0).  ``period_kwh`` needs every period in :func:`periods_needed`,
+    ``window_kwh`` every window in :func:`windows_needed`; a missing one
+    raises :class:`SnapshotError`.  ``period_gap_kwh`` is needed for periods
+    of ``conservative`` energy caps and is read as 0 elsewhere.
+    """
+
+    now: float  # Unix seconds
+    site: SiteConfig
+    meters: Mapping[str, MeterSnapshot]
+    # period -> meter -> kWh accounted so far in the current period (site tz)
+    period_kwh: Mapping[str, Mapping[str, float]]
+    # same, upper bound of unaccounted data gaps in the current period
+    period_gap_kwh: Mapping[str, Mapping[str, float]]
+    # window_s -> meter -> kWh accounted in [now - window_s, now]
+    window_kwh: Mapping[float, Mapping[str, float]]
+    # curtailment topic -> latest signal
+    signals: Mapping[str, Signal] = field(default_factory=dict)
+
+    @cached_property
+    def index(self) -> ScopeIndex:
+        """Scope membership and cached per-scope sums, built once per snapshot."""
+        return ScopeIndex(self)
+
+
+class ScopeIndex:
+    """Scope membership and per-scope sums of one snapshot, computed lazily and once.
+
+    Summing a mapping for any group costs one pass over the mapping for *all*
+    groups together, so 50 group rules cost the same as one site rule.
+    """
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.zone = ZoneInfo(snap.site.timezone)
+        self.today = dt.datetime.fromtimestamp(snap.now, self.zone).date()
+        groups: dict[str, list[str]] = {}
+        group_of: dict[str, str] = {}
+        for mid, m in snap.meters.items():
+            groups.setdefault(m.group, []).append(mid)
+            group_of[mid] = m.group
+        self.group_of = group_of
+        self.all_meters: tuple[str, ...] = tuple(sorted(snap.meters))
+        self.groups: dict[str, tuple[str, ...]] = {g: tuple(sorted(v)) for g, v in groups.items()}
+        # id(mapping) -> (mapping kept alive, site total, group totals)
+        self._sums: dict[int, tuple[Mapping[str, float], float, dict[str, float]]] = {}
+        self._sets: dict[str, frozenset[str]] = {}
+        self._power: tuple[float | None, dict[str, float]] | None = None
+        self._periods: dict[str, tuple[float, float, str]] = {}
+
+    def members(self, scope: str) -> tuple[str, ...]:
+        kind, _, name = scope.partition(":")
+        if kind == "site":
+            return self.all_meters
+        if kind == "group":
+            return self.groups.get(name, ())
+        return (name,)
+
+    def member_set(self, scope: str) -> frozenset[str]:
+        got = self._sets.get(scope)
+        if got is None:
+            got = self._sets[scope] = frozenset(self.members(scope))
+        return got
+
+    def covers(self, scope: str, meter: str) -> bool:
+        return scope == "site" or meter in self.member_set(scope)
+
+    def total(self, mapping: Mapping[str, float], scope: str) -> float:
+        """Sum of ``mapping`` (meter -> value) over the meters of ``scope``."""
+        kind, _, name = scope.partition(":")
+        if kind == "meter":
+            return float(mapping.get(name, 0.0))
+        cached = self._sums.get(id(mapping))
+        if cached is None:
+            # summed as whole mWh (the ledger's unit), so the total does not depend on
+            # the order of the meters and equals the report's sum of the same rows
+            total = 0
+            by_group: dict[str, int] = {}
+            group_of = self.group_of
+            for mid, value in mapping.items():
+                mwh = round(value * MWH_PER_KWH)
+                total += mwh
+                g = group_of.get(mid)
+                if g:
+                    by_group[g] = by_group.get(g, 0) + mwh
+            cached = (mapping, total / MWH_PER_KWH,
+                      {g: v / MWH_PER_KWH for g, v in by_group.items()})
+            self._sums[id(mapping)] = cached
+        return cached[1] if kind == "site" else cached[2].get(name, 0.0)
+
+    def power_kw(self, scope: str) -> float | None:
+        """Latest power of the scope in kW (unknown power left out; None: none known)."""
+        kind, _, name = scope.partition(":")
+        meters = self.snap.meters
+        if kind == "meter":
+            m = meters.get(name)
+            return None if m is None or m.power_w is None else m.power_w / 1000.0
+        if self._power is None:
+            total: float | None = None
+            by_group: dict[str, float] = {}
+            for m in meters.values():
+                if m.power_w is None:
+                    continue
+                total = (total or 0.0) + m.power_w
+                by_group[m.group] = by_group.get(m.group, 0.0) + m.power_w
+            self._power = (total, by_group)
+        total_w, groups_w = self._power
+        if kind == "site":
+            return None if total_w is None else total_w / 1000.0
+        got = groups_w.get(name)
+        return None if got is None else got / 1000.0
+
+    def period(self, period: str) -> tuple[float, float, str]:
+        got = self._periods.get(period)
+        if got is None:
+            got = self._periods[period] = period_bounds(period, self.snap.now, self.zone)
+        return got
+
+
+# --------------------------------------------------------------------------- values out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one rule says about one scope at ``Snapshot.now``.
+
+    ``level`` is the highest ``warn_at`` fraction crossed (1.0 in breach, 0 when
+    ok, and 0 for a warning of a kind without ``warn_at``).  ``ratio`` is
+    value / limit where that means something.  ``target_kw`` is the power a
+    ``limit`` action should order the scope down to.  ``period`` labels the
+    period the value belongs to (energy caps: "2026-11"; ban windows: the window
+    "2025-11-15..2026-03-15"; otherwise "").
+    """
+
+    rule: str
+    kind: str
+    scope: str
+    state: State
+    message: str
+    meters: tuple[str, ...]
+    level: float = 0.0
+    value: float | None = None
+    limit: float | None = None
+    unit: str = ""
+    ratio: float | None = None
+    projected: float | None = None
+    seconds_to_limit: float | None = None
+    period: str = ""
+    target_kw: float | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- filters, periods
+
+
+def _region_matches(wanted: Iterable[str], region: str) -> bool:
+    """``RU-IRK`` matches ``RU-IRK``; a bare country code ``RU`` matches every ``RU-*``."""
+    have = region.upper()
+    for want in wanted:
+        w = want.upper()
+        if have == w or ("-" not in w and have.startswith(w + "-")):
+            return True
+    return False
+
+
+def matches_site(rule: AnyRule, site: SiteConfig) -> bool:
+    """The rule's site filters: categories, regions, subregions, exclude_subregions, off-grid.
+
+    Empty filter lists match everything.  Categories and subregions compare
+    case-insensitively.  A ban window with ``exempt_off_grid`` does not match an
+    ``off_grid`` site (the March 2025 exemption for isolated own generation).
+    """
+    if rule.categories and site.category.casefold() not in {
+        c.casefold() for c in rule.categories
+    }:
+        return False
+    if rule.regions and not _region_matches(rule.regions, site.region):
+        return False
+    sub = site.subregion.casefold()
+    if rule.subregions and sub not in {s.casefold() for s in rule.subregions}:
+        return False
+    if sub and sub in {s.casefold() for s in rule.exclude_subregions}:
+        return False
+    return not (isinstance(rule, BanWindowRule) and rule.exempt_off_grid and site.off_grid)
+
+
+def in_effect(rule: AnyRule, day: dt.date) -> bool:
+    """``effective_from`` <= day <= ``effective_until`` (both inclusive, both optional)."""
+    if rule.effective_from is not None and day < rule.effective_from:
+        return False
+    return rule.effective_until is None or day <= rule.effective_until
+
+
+def applies(rule: AnyRule, site: SiteConfig, day: dt.date) -> bool:
+    """Whether ``rule`` governs ``site`` on the site-local date ``day``."""
+    return matches_site(rule, site) and in_effect(rule, day)
+
+
+def _zone(tz: str | dt.tzinfo) -> dt.tzinfo:
+    return ZoneInfo(tz) if isinstance(tz, str) else tz
+
+
+def local_midnight(day: dt.date, tz: str | dt.tzinfo) -> float:
+    """The instant the site-local ``day`` begins (DST-correct; a skipped midnight
+    resolves to the transition instant, a repeated one to its first occurrence)."""
+    return dt.datetime(day.year, day.month, day.day, tzinfo=_zone(tz)).timestamp()
+
+
+def period_bounds(period: str, now: float, tz: str | dt.tzinfo) -> tuple[float, float, str]:
+    """``(start_ts, end_ts, label)`` of the calendar period containing ``now`` in ``tz``.
+
+    Labels: ``"2026-11-27"`` (calendar_day), ``"2026-11"`` (calendar_month),
+    ``"2026"`` (calendar_year).  ``end_ts`` is the next period's start.
+    """
+    zone = _zone(tz)
+    d = dt.datetime.fromtimestamp(now, zone).date()
+    if period == "calendar_day":
+        start, end, label = d, d + _DAY, d.isoformat()
+    elif period == "calendar_month":
+        start = d.replace(day=1)
+        end = dt.date(d.year + (d.month == 12), d.month % 12 + 1, 1)
+        label = f"{d.year:04d}-{d.month:02d}"
+    elif period == "calendar_year":
+        start, end, label = dt.date(d.year, 1, 1), dt.date(d.year + 1, 1, 1), f"{d.year:04d}"
+    else:
+        raise ValueError(f"unknown period {period!r}")
+    return local_midnight(start, zone), local_midnight(end, zone), label
+
+
+def windows_needed(rules: Iterable[AnyRule]) -> set[float]:
+    """The ``window_s`` keys the snapshot's ``window_kwh`` must hold for these rules."""
+    out: set[float] = set()
+    for r in rules:
+        if isinstance(r, PowerCapRule | ReconcileRule):
+            out.add(float(r.window_s))
+        elif isinstance(r, EnergyCapRule):
+            out.add(RUN_RATE_WINDOW_S)
+    return out
+
+
+def periods_needed(rules: Iterable[AnyRule]) -> set[str]:
+    """The periods the snapshot's ``period_kwh`` (and ``period_gap_kwh``) must hold."""
+    return {r.period for r in rules if isinstance(r, EnergyCapRule)}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _iso_local(ts: float, zone: dt.tzinfo) -> str:
+    return dt.datetime.fromtimestamp(ts, zone).isoformat(timespec="minutes")
+
+
+def _iso_utc(ts: float) -> str:
+    return (
+        dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+def human_duration(seconds: float) -> str:
+    """``"2 d 3 h"``, ``"5 h 10 min"``, ``"42 min"``, ``"30 s"``."""
+    s = max(0, round(seconds))
+    d, rest = divmod(s, 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    if d:
+        return f"{d} d {h} h" if h else f"{d} d"
+    if h:
+        return f"{h} h {m} min" if m else f"{h} h"
+    if m:
+        return f"{m} min"
+    return f"{sec} s"
+
+
+def _listing(names: Sequence[str], what: Mapping[str, str] | None = None) -> str:
+    shown = [f"{n} ({what[n]})" if what and n in what else n for n in names[:MAX_LISTED]]
+    more = len(names) - MAX_LISTED
+    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _lim(x: float) -> str:
+    return f"{x:g}"
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _need_period(snap: Snapshot, period: str) -> Mapping[str, float]:
+    got = snap.period_kwh.get(period)
+    if got is None:
+        raise SnapshotError(f"snapshot.period_kwh lacks period {period!r}")
+    return got
+
+
+def _need_window(snap: Snapshot, window_s: float) -> Mapping[str, float]:
+    got = snap.window_kwh.get(window_s)
+    if got is None:
+        raise SnapshotError(f"snapshot.window_kwh lacks window {window_s:g} s")
+    return got
+
+
+def _level(ratio: float, warn_at: Sequence[float]) -> float:
+    level = 0.0
+    for w in warn_at:
+        if ratio >= w:
+            level = max(level, w)
+    return level
+
+
+def _energy_cap(rule: EnergyCapRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    now = snap.now
+    start, end, label = idx.period(rule.period)
+    accounted = idx.total(_need_period(snap, rule.period), rule.scope)
+    gaps_by_meter = snap.period_gap_kwh.get(rule.period)
+    if gaps_by_meter is None:
+        if rule.conservative:
+            raise SnapshotError(f"snapshot.period_gap_kwh lacks period {rule.period!r}")
+        gaps_by_meter = {}
+    gap = idx.total(gaps_by_meter, rule.scope)
+    value = accounted + gap if rule.conservative else accounted
+    limit = rule.limit_kwh
+    rate_kw = idx.total(_need_window(snap, RUN_RATE_WINDOW_S), rule.scope) * 3600.0 / (
+        RUN_RATE_WINDOW_S
+    )
+    left_s = max(0.0, end - now)
+    projected = value + rate_kw * left_s / 3600.0
+    ratio = value / limit
+    remaining = max(0.0, limit - value)
+    target_kw = remaining * 3600.0 / left_s if left_s > 0 else 0.0
+    word = _PERIOD_WORD[rule.period]
+    gap_note = f" (incl. up to {_num(gap)} kWh of data gaps)" if rule.conservative and gap else ""
+    state: State
+    if value >= limit:
+        state, level, to_limit = "breach", 1.0, 0.0
+        target_kw = 0.0
+        message = (
+            f"{word} limit reached: {_num(value)} of {_lim(limit)} kWh in {label}{gap_note}"
+        )
+    else:
+        level = _level(ratio, rule.warn_at)
+        state = "warning" if level > 0 else "ok"
+        to_limit = remaining * 3600.0 / rate_kw if rate_kw > 0 else math.inf
+        pct = math.floor(ratio * 100)
+        message = (
+            f"{pct}% of the {word} limit used: {_num(value)} of {_lim(limit)} kWh{gap_note}; "
+            f"projected {_num(projected)} kWh by the end of {label}"
+        )
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.scope,
+        state=state,
+        level=level,
+        value=value,
+        limit=limit,
+        unit="kWh",
+        ratio=ratio,
+        projected=projected,
+        seconds_to_limit=None if math.isinf(to_limit) else to_limit,
+        period=label,
+        message=message,
+        meters=idx.members(rule.scope),
+        target_kw=target_kw,
+        detail={
+            "accounted_kwh": accounted,
+            "gap_kwh": gap,
+            "conservative": rule.conservative,
+            "run_rate_kw": rate_kw,
+            "period_start": start,
+            "period_end": end,
+            "seconds_left": left_s,
+        },
+    )
+
+
+def _power_cap(rule: PowerCapRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    kwh = idx.total(_need_window(snap, float(rule.window_s)), rule.scope)
+    avg_kw = kwh * 3600.0 / rule.window_s
+    limit = rule.limit_kw
+    ratio = avg_kw / limit
+    window = human_duration(rule.window_s)
+    state: State
+    if ratio >= 1.0:
+        state, level = "breach", 1.0
+        message = (
+            f"average {_num(avg_kw)} kW over {window} is at or above the limit {_lim(limit)} kW"
+        )
+    else:
+        level = _level(ratio, rule.warn_at)
+        state = "warning" if level > 0 else "ok"
+        message = (
+            f"average {_num(avg_kw)} kW over {window}: {math.floor(ratio * 100)}% "
+            f"of the limit {_lim(limit)} kW"
+        )
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.scope,
+        state=state,
+        level=level,
+        value=avg_kw,
+        limit=limit,
+        unit="kW",
+        ratio=ratio,
+        message=message,
+        meters=idx.members(rule.scope),
+        # ordering the scope to exactly the limit would never let the breach clear
+        target_kw=limit * rule.clear_below,
+        detail={"window_s": rule.window_s, "clear_below": rule.clear_below, "hold_s": rule.hold_s},
+    )
+
+
+def _resolve_mmdd(mmdd: str, year: int, *, is_start: bool) -> dt.date:
+    """MM-DD in ``year``; 02-29 of a non-leap year is 03-01 as a start, 02-28 as an end."""
+    month, day = int(mmdd[:2]), int(mmdd[3:])
+    try:
+        return dt.date(year, month, day)
+    except ValueError:  # only 02-29 passes config validation and fails here
+        return dt.date(year, 3, 1) if is_start else dt.date(year, 2, 28)
+
+
+@dataclass(frozen=True, slots=True)
+class BanSpan:
+    """One concrete ban window: site-local dates, both inclusive."""
+
+    first: dt.date
+    last: dt.date
+    source: str  # "dates 2025-01-01..2031-03-15" or "yearly 11-15..03-15"
+
+    @property
+    def label(self) -> str:
+        return f"{self.first.isoformat()}..{self.last.isoformat()}"
+
+
+def ban_spans(rule: BanWindowRule, around: dt.date) -> list[BanSpan]:
+    """The concrete windows of ``rule`` near ``around`` (from the year before to the
+    year after), clipped to ``effective_from``/``effective_until``, sorted, and with
+    overlapping or adjacent windows merged (so "until when" is the real end)."""
+    raw: list[BanSpan] = [
+        BanSpan(r.from_, r.until, f"dates {r.from_.isoformat()}..{r.until.isoformat()}")
+        for r in rule.dates
+    ]
+    if rule.yearly is not None:
+        y = rule.yearly
+        crosses = y.end < y.start  # MM-DD strings compare like dates within a year
+        desc = f"yearly {y.start}..{y.end}"
+        for year in (around.year - 1, around.year, around.year + 1):
+            first = _resolve_mmdd(y.start, year, is_start=True)
+            last = _resolve_mmdd(y.end, year + 1 if crosses else year, is_start=False)
+            if first <= last:
+                raw.append(BanSpan(first, last, desc))
+    clipped: list[BanSpan] = []
+    for s in raw:
+        first = max(s.first, rule.effective_from) if rule.effective_from else s.first
+        last = min(s.last, rule.effective_until) if rule.effective_until else s.last
+        if first <= last:
+            clipped.append(BanSpan(first, last, s.source))
+    clipped.sort(key=lambda s: (s.first, s.last))
+    merged: list[BanSpan] = []
+    for s in clipped:
+        if merged and s.first <= merged[-1].last + _DAY:
+            prev = merged[-1]
+            sources = prev.source if s.source in prev.source.split(" + ") else (
+                f"{prev.source} + {s.source}"
+            )
+            merged[-1] = BanSpan(prev.first, max(prev.last, s.last), sources)
+        else:
+            merged.append(s)
+    return merged
+
+
+def _ban_window(rule: BanWindowRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    zone, today, now = idx.zone, idx.today, snap.now
+    spans = ban_spans(rule, today)
+    active = next((s for s in spans if s.first <= today <= s.last), None)
+    upcoming = next((s for s in spans if s.first > today), None)
+    power = idx.power_kw(rule.scope)
+    tz = snap.site.timezone
+    state: State = "ok"
+    limit: float | None = None
+    to_limit: float | None = None
+    target: float | None = None
+    detail: dict[str, Any] = {}
+    if active is not None:
+        ends_at = local_midnight(active.last + _DAY, zone)
+        state, limit, target, span = "breach", 0.0, 0.0, active
+        message = (
+            f"mining is banned here ({active.source}) until {active.last.isoformat()} "
+            f"inclusive (ends {_iso_local(ends_at, zone)} {tz}, in {human_duration(ends_at - now)})"
+        )
+        detail = {"ends_at": ends_at}
+    elif upcoming is not None and (
+        local_midnight(upcoming.first, zone) - now <= rule.lead_time_s
+    ):
+        starts_at = local_midnight(upcoming.first, zone)
+        state, span, to_limit = "warning", upcoming, starts_at - now
+        message = (
+            f"mining ban ({upcoming.source}) starts {_iso_local(starts_at, zone)} {tz}, "
+            f"in {human_duration(starts_at - now)}, and lasts until "
+            f"{upcoming.last.isoformat()} inclusive"
+        )
+        detail = {"starts_at": starts_at}
+    else:
+        span = None
+        message = "no ban in force" + (
+            f"; next {upcoming.label} ({upcoming.source})" if upcoming is not None else ""
+        )
+    if span is not None:
+        detail.update(first_day=span.first.isoformat(), last_day=span.last.isoformat(),
+                      source=span.source)
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.scope,
+        state=state,
+        level=1.0 if state == "breach" else 0.0,
+        value=power,
+        limit=limit,
+        unit="kW",
+        seconds_to_limit=to_limit,
+        period=span.label if span is not None else "",
+        message=message,
+        meters=idx.members(rule.scope),
+        target_kw=target,
+        detail=detail,
+    )
+
+
+def _stale_data(rule: StaleDataRule, snap: Snapshot, caps: Sequence[Verdict]) -> Verdict:
+    idx = snap.index
+    now = snap.now
+    members = idx.members(rule.scope)
+    meters = snap.meters
+    stale: dict[str, float | None] = {}
+    offline: list[str] = []
+    for mid in members:
+        m = meters.get(mid)
+        if m is None or m.last_seen is None:
+            stale[mid] = None
+            if m is not None and not m.online:
+                offline.append(mid)
+            continue
+        silence = now - m.last_seen
+        if not m.online:
+            stale[mid] = silence
+            offline.append(mid)
+        elif silence > max(rule.max_silence_s, m.expected_interval_s):
+            stale[mid] = silence
+    silences = [s for s in stale.values() if s is not None]
+    value = max(silences) if silences else None
+    state: State = "ok"
+    failsafe: str | None = None
+    if not stale:
+        message = f"all {len(members)} meters in {rule.scope} are reporting"
+    else:
+        off = set(offline)
+        what = {
+            mid: "offline" if mid in off else ("never seen" if s is None else
+                                               f"silent {human_duration(s)}")
+            for mid, s in stale.items()
+        }
+        names = sorted(stale)
+        state = "warning"
+        message = f"{len(names)} of {len(members)} meters not reporting: {_listing(names, what)}"
+        if rule.failsafe_margin > 0:
+            for cap in caps:
+                if cap.ratio is None or cap.ratio < 1.0 - rule.failsafe_margin:
+                    continue
+                hit = [mid for mid in names if idx.covers(cap.scope, mid)]
+                if hit:
+                    failsafe = cap.rule
+                    state = "breach"
+                    message = (
+                        f"fail-safe: {cap.rule} is at {math.floor(cap.ratio * 100)}% of its "
+                        f"limit ({cap.scope}) while {len(hit)} of its meters are not reporting: "
+                        f"{_listing(hit, what)}"
+                    )
+                    break
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.scope,
+        state=state,
+        level=1.0 if state == "breach" else 0.0,
+        value=value,
+        limit=rule.max_silence_s,
+        unit="s",
+        message=message,
+        meters=members,
+        target_kw=0.0 if state == "breach" else None,
+        detail={"stale": stale, "offline": tuple(offline), "failsafe": failsafe},
+    )
+
+
+def _curtailment(rule: CurtailmentRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    sig = snap.signals.get(rule.topic)
+    power = idx.power_kw(rule.scope)
+    state: State = "ok"
+    limit: float | None = None
+    detail: dict[str, Any] = {"topic": rule.topic}
+    if sig is not None:
+        detail.update(until=sig.until, received_at=sig.received_at, target_kw=sig.target_kw)
+    if sig is not None and sig.active(snap.now):
+        state, limit = "breach", sig.target_kw
+        message = (
+            f"curtailment requested on {rule.topic}: at most {_lim(sig.target_kw)} kW until "
+            f"{_iso_utc(sig.until)} (in {human_duration(sig.until - snap.now)})"
+        )
+    elif sig is not None:
+        message = (
+            f"no active curtailment on {rule.topic} (last request ended {_iso_utc(sig.until)})"
+        )
+    else:
+        message = f"no curtailment request received on {rule.topic}"
+    ratio = power / limit if power is not None and limit else None
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.scope,
+        state=state,
+        level=1.0 if state == "breach" else 0.0,
+        value=power,
+        limit=limit,
+        unit="kW",
+        ratio=ratio,
+        message=message,
+        meters=idx.members(rule.scope),
+        target_kw=limit,
+        detail=detail,
+    )
+
+
+def _reconcile(rule: ReconcileRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    window = _need_window(snap, float(rule.window_s))
+    main = idx.total(window, rule.main)
+    parts = idx.total(window, rule.parts)
+    floor_kwh = RECONCILE_MIN_MAIN_KW * rule.window_s / 3600.0
+    span = human_duration(rule.window_s)
+    members = tuple(dict.fromkeys((*idx.members(rule.main), *idx.members(rule.parts))))
+    detail: dict[str, Any] = {"main_kwh": main, "parts_kwh": parts, "window_s": rule.window_s}
+    state: State = "ok"
+    value: float | None = None
+    ratio: float | None = None
+    if main < floor_kwh:
+        detail["skipped"] = True
+        message = (
+            f"not compared: {rule.main} used {main:.3f} kWh over {span}, below the "
+            f"{_lim(RECONCILE_MIN_MAIN_KW)} kW average needed for a meaningful comparison"
+        )
+    else:
+        value = abs(main - parts) / main
+        ratio = value / rule.tolerance
+        state = "breach" if value > rule.tolerance else "ok"
+        message = (
+            f"{rule.main} {_num(main)} kWh vs {rule.parts} {_num(parts)} kWh over {span}: "
+            f"{value:.1%} apart (tolerance {rule.tolerance:.1%})"
+        )
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=rule.main,
+        state=state,
+        level=1.0 if state == "breach" else 0.0,
+        value=value,
+        limit=rule.tolerance,
+        unit="fraction",
+        ratio=ratio,
+        message=message,
+        meters=members,
+        detail=detail,
+    )
+
+
+def evaluate(rule: AnyRule, snap: Snapshot, *, caps: Sequence[Verdict] = ()) -> list[Verdict]:
+    """The verdicts of one rule (one per scope; every kind has one scope today).
+
+    Does not check :func:`applies`; :func:`evaluate_all` does.  ``caps`` are the
+    energy-cap verdicts a ``stale_data`` rule's fail-safe looks at.
+    """
+    if isinstance(rule, EnergyCapRule):
+        return [_energy_cap(rule, snap)]
+    if isinstance(rule, PowerCapRule):
+        return [_power_cap(rule, snap)]
+    if isinstance(rule, BanWindowRule):
+        return [_ban_window(rule, snap)]
+    if isinstance(rule, StaleDataRule):
+        return [_stale_data(rule, snap, caps)]
+    if isinstance(rule, CurtailmentRule):
+        return [_curtailment(rule, snap)]
+    return [_reconcile(rule, snap)]
+
+
+def _not_in_effect(rule: AnyRule, snap: Snapshot) -> Verdict:
+    idx = snap.index
+    scope = rule.main if isinstance(rule, ReconcileRule) else rule.scope
+    since = rule.effective_from.isoformat() if rule.effective_from else ""
+    until = rule.effective_until.isoformat() if rule.effective_until else ""
+    return Verdict(
+        rule=rule.id,
+        kind=rule.kind,
+        scope=scope,
+        state="ok",
+        message=f"not in effect on {idx.today.isoformat()} (effective {since}..{until})",
+        meters=idx.members(scope),
+        detail={"in_effect": False},
+    )
+
+
+def evaluate_all(rules: Sequence[AnyRule], snap: Snapshot) -> list[Verdict]:
+    """Verdicts of every rule that matches the site, in the order of ``rules``.
+
+    Rules whose site filters do not match (another region, category, an
+    exempt off-grid site) give no verdict at all.  Rules that match but are not
+    in effect today give an ``ok`` verdict saying so (so an alert raised while
+    they were in effect resolves); ban windows handle their effective dates
+    themselves, so a lead-time warning can precede ``effective_from``.  Energy
+    caps run first because ``stale_data`` fail-safes read their ratios.
+    """
+    today = snap.index.today
+    matching = [r for r in rules if matches_site(r, snap.site)]
+    done: dict[int, list[Verdict]] = {}
+    caps: list[Verdict] = []
+    for i, r in enumerate(matching):
+        if isinstance(r, EnergyCapRule):
+            done[i] = evaluate(r, snap) if in_effect(r, today) else [_not_in_effect(r, snap)]
+            caps.extend(v for v in done[i] if v.ratio is not None)
+    out: list[Verdict] = []
+    for i, r in enumerate(matching):
+        if i in done:
+            out.extend(done[i])
+        elif isinstance(r, BanWindowRule) or in_effect(r, today):
+            out.extend(evaluate(r, snap, caps=caps))
+        else:
+            out.append(_not_in_effect(r, snap))
+    return out
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _parse_until(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("curtailment signal: 'until' must be an RFC 3339 time, not a boolean")
+    if isinstance(raw, int | float):
+        if not math.isfinite(raw):
+            raise ValueError("curtailment signal: 'until' is not a finite number")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ValueError(
+            "curtailment signal: 'until' must be an RFC 3339 time such as "
+            '"2026-11-27T18:00:00Z"'
+        )
+    try:
+        when = dt.datetime.fromisoformat(raw.strip().upper())
+    except ValueError as exc:
+        raise ValueError(
+            f"curtailment signal: 'until' {raw!r} is not an RFC 3339 time "
+            '(e.g. "2026-11-27T18:00:00Z")'
+        ) from exc
+    if when.tzinfo is None:
+        raise ValueError(
+            f"curtailment signal: 'until' {raw!r} lacks a UTC offset (add Z or +03:00)"
+        )
+    return when.timestamp()
+
+
+def parse_signal(payload: bytes, received_at: float) -> Signal:
+    """Read a curtailment request ``{"target_kw": 0, "until": "2026-11-27T18:00:00Z"}``.
+
+    ``until`` may also be Unix seconds.  Other keys are ignored.  Raises
+    :class:`ValueError` with a message fit for the dead-letter table.
+    """
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"curtailment signal is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(
+            'curtailment signal must be a JSON object like {"target_kw": 0, "until": "..."}'
+        )
+    if "target_kw" not in data:
+        raise ValueError("curtailment signal lacks 'target_kw'")
+    if "until" not in data:
+        raise ValueError("curtailment signal lacks 'until'")
+    target = data["target_kw"]
+    if isinstance(target, bool) or not isinstance(target, int | float):
+        raise ValueError(f"curtailment signal: 'target_kw' must be a number, got {target!r}")
+    if not math.isfinite(target) or target < 0:
+        raise ValueError(f"curtailment signal: 'target_kw' must be >= 0, got {target!r}")
+    return Signal(target_kw=float(target), until=_parse_until(data["until"]),
+                  received_at=received_at)

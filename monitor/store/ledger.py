@@ -1,0 +1,367 @@
+"""The local store: SQLite in WAL mode, the daemon's source of truth.
+
+Each thread opens its own :class:`Store` (SQLite connections are not shared
+across threads); WAL lets readers (``status``, HTTP, rule checks) run while the
+intake worker writes.  All writes of one intake batch are one transaction
+(:meth:`Store.commit_batch`): readings, ledger, daily rollup, gaps, anomalies,
+dead letters, meter state and redelivery fingerprints commit together or not at
+all, which is what lets the MQTT layer acknowledge only committed messages.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from monitor.core.accounting import MWH_PER_KWH
+from monitor.store.schema import MIGRATIONS
+
+# MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
+# once, so no older one can be re-delivered
+FINGERPRINTS_KEPT = 65_536
+
+
+class StoreError(Exception):
+    """The database cannot be opened, migrated or written."""
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations; returns the schema version now in force."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (version INTEGER PRIMARY KEY, applied_at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    version = max(done, default=0)
+    for number, sql in sorted(MIGRATIONS):
+        if number in done:
+            continue
+        # executescript commits first; wrap the script so it applies whole or not at all
+        conn.executescript(
+            f"BEGIN IMMEDIATE;\n{sql}\n"
+            f"INSERT INTO schema_migrations VALUES ({int(number)}, {time.time()!r});\nCOMMIT;"
+        )
+        version = number
+    return version
+
+
+def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with the pragmas every user of the store needs."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
+                                   isolation_level=None, check_same_thread=False)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed (and therefore acknowledged) reading survives power loss
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open {path}: {exc}") from exc
+    return conn
+
+
+@dataclass
+class IntakeBatch:
+    """Everything one intake batch writes.  Built by the intake worker, committed whole."""
+
+    # (meter, ts, power_w, energy_kwh, delta_kwh, voltage_v, current_a, flags, since_ts,
+    #  device_ts, export_kwh)
+    readings: list[tuple[str, float, float | None, float | None, float, float | None,
+                         float | None, str, float | None, float | None, float | None]] = field(
+        default_factory=list)
+    # (meter, bucket) -> whole mWh
+    ledger: dict[tuple[str, int], int] = field(default_factory=dict)
+    # (meter, day) -> Rollup
+    daily: dict[tuple[str, str], Rollup] = field(default_factory=dict)
+    # (outcome 'ignored' | 'skipped', reason, format) -> count
+    outcomes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    gaps: list[tuple[str, float, float, float | None, str]] = field(default_factory=list)
+    anomalies: list[tuple[str, float, str, float | None, str]] = field(default_factory=list)
+    dead_letters: list[tuple[float, str, str, str, int, bytes]] = field(default_factory=list)
+    # meter -> (device, group, format, first_seen, last_seen, power_w, online, acct_json)
+    meters: dict[str, tuple[str, str, str, float | None, float | None, float | None, int,
+                            str]] = field(
+        default_factory=dict
+    )
+    fingerprints: list[bytes] = field(default_factory=list)
+    signals: list[tuple[str, float | None, float | None, float, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Rollup:
+    """What a batch adds to one (meter, day) or (meter, month) rollup row."""
+
+    mwh: int = 0
+    export_mwh: int = 0
+    gap_kwh: float = 0.0
+    gap_s: float = 0.0
+
+    def add(self, other: Rollup) -> None:
+        self.mwh += other.mwh
+        self.export_mwh += other.export_mwh
+        self.gap_kwh += other.gap_kwh
+        self.gap_s += other.gap_s
+
+
+def to_kwh(mwh: int | float | None) -> float:
+    """Whole mWh at rest -> kWh at the edge (one division, the same everywhere)."""
+    return (mwh or 0) / MWH_PER_KWH
+
+
+@dataclass(frozen=True)
+class MeterRow:
+    id: str
+    device: str
+    group: str
+    format: str
+    first_seen: float | None
+    last_seen: float | None
+    power_w: float | None
+    online: bool
+    acct: str
+
+
+def _add_rollup(c: sqlite3.Connection, table: str, period_col: str,
+                rows: dict[tuple[str, str], Rollup]) -> None:
+    """Add ``(meter, period) -> Rollup`` to the ``daily`` or ``monthly`` rollup."""
+    c.executemany(
+        f"INSERT INTO {table} (meter, {period_col}, mwh, export_mwh, gap_kwh, gap_s)"
+        f" VALUES (?,?,?,?,?,?) ON CONFLICT ({period_col}, meter) DO UPDATE SET"
+        " mwh = mwh + excluded.mwh, export_mwh = export_mwh + excluded.export_mwh,"
+        " gap_kwh = gap_kwh + excluded.gap_kwh, gap_s = gap_s + excluded.gap_s",
+        [(m, p, v.mwh, v.export_mwh, v.gap_kwh, v.gap_s) for (m, p), v in rows.items()],
+    )
+
+
+class Store:
+    """One connection to the store.  Not thread-safe: one instance per thread."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.conn = connect(path, readonly=readonly)
+        if not readonly:
+            try:
+                migrate(self.conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot migrate {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # ------------------------------------------------------------------ intake
+
+    def commit_batch(self, b: IntakeBatch) -> None:
+        """Write one intake batch in one transaction.  Raises :class:`StoreError`."""
+        now = time.time()
+        try:
+            with self.transaction() as c:
+                if b.readings:
+                    c.executemany(
+                        "INSERT INTO readings (meter, ts, power_w, energy_kwh, delta_kwh,"
+                        " voltage_v, current_a, flags, since_ts, device_ts, export_kwh)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        b.readings,
+                    )
+                if b.ledger:
+                    c.executemany(
+                        "INSERT INTO ledger (meter, bucket, mwh) VALUES (?,?,?)"
+                        " ON CONFLICT (meter, bucket) DO UPDATE SET mwh = mwh + excluded.mwh",
+                        [(m, bkt, v) for (m, bkt), v in b.ledger.items()],
+                    )
+                if b.daily:
+                    months: dict[tuple[str, str], Rollup] = {}
+                    for (m, d), v in b.daily.items():
+                        acc = months.get((m, d[:7]))
+                        if acc is None:
+                            acc = months[(m, d[:7])] = Rollup()
+                        acc.add(v)
+                    _add_rollup(c, "monthly", "month", months)
+                    _add_rollup(c, "daily", "day", b.daily)
+                if b.gaps:
+                    c.executemany(
+                        "INSERT INTO gaps (meter, start_ts, end_ts, upper_kwh, reason)"
+                        " VALUES (?,?,?,?,?)", b.gaps)
+                if b.anomalies:
+                    c.executemany(
+                        "INSERT INTO anomalies (meter, ts, kind, value, detail) VALUES (?,?,?,?,?)",
+                        b.anomalies)
+                if b.dead_letters:
+                    c.executemany(
+                        "INSERT INTO dead_letters (received_at, topic, reason, detail, size,"
+                        " payload) VALUES (?,?,?,?,?,?)", b.dead_letters)
+                if b.meters:
+                    c.executemany(
+                        "INSERT INTO meters (id, device, grp, format, first_seen, last_seen,"
+                        " power_w, online, acct) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
+                        " ON CONFLICT (id) DO UPDATE SET device=excluded.device,"
+                        " grp=excluded.grp, format=excluded.format,"
+                        " first_seen=min(coalesce(first_seen, excluded.first_seen),"
+                        " coalesce(excluded.first_seen, first_seen)),"
+                        " last_seen=coalesce(excluded.last_seen, last_seen),"
+                        " power_w=excluded.power_w, online=excluded.online, acct=excluded.acct",
+                        [(k, *v) for k, v in b.meters.items()],
+                    )
+                if b.signals:
+                    c.executemany(
+                        "INSERT OR REPLACE INTO signals (topic, target_kw, until, received_at,"
+                        " payload) VALUES (?,?,?,?,?)", b.signals)
+                if b.outcomes:
+                    c.executemany(
+                        "INSERT INTO intake_outcomes (outcome, reason, format, n, last_at)"
+                        " VALUES (?,?,?,?,?) ON CONFLICT (outcome, reason, format) DO UPDATE"
+                        " SET n = n + excluded.n, last_at = excluded.last_at",
+                        [(o, r, f, n, now) for (o, r, f), n in b.outcomes.items()])
+                if b.fingerprints:
+                    c.executemany("INSERT INTO msg_seen (fp) VALUES (?)",
+                                  [(fp,) for fp in b.fingerprints])
+                    c.execute("DELETE FROM msg_seen WHERE seq <= (SELECT max(seq) FROM msg_seen)"
+                              " - ?", (FINGERPRINTS_KEPT,))
+        except sqlite3.Error as exc:
+            raise StoreError(f"commit failed: {exc}") from exc
+
+    def seen(self, fingerprints: Sequence[bytes]) -> set[bytes]:
+        """Which of these message fingerprints were committed recently.
+
+        One scan of the (small, unindexed) table: called only for batches that
+        hold messages with the DUP flag, i.e. after a reconnect."""
+        wanted = set(fingerprints)
+        return {r[0] for r in self.conn.execute("SELECT fp FROM msg_seen")} & wanted
+
+    def register_meters(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Make configured meters (id, device, group) known before their first reading."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT INTO meters (id, device, grp) VALUES (?,?,?) ON CONFLICT (id)"
+                " DO UPDATE SET grp=excluded.grp, device=excluded.device", list(rows))
+
+    def meters(self) -> list[MeterRow]:
+        return [
+            MeterRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]), r[8])
+            for r in self.conn.execute(
+                "SELECT id, device, grp, format, first_seen, last_seen, power_w, online, acct"
+                " FROM meters ORDER BY id")
+        ]
+
+    # ------------------------------------------------------------------ queries
+
+    def monthly_totals(self, month_from: str, month_to: str) -> dict[str, tuple[float, float]]:
+        """kWh and gap upper bound per meter over local months ``[month_from, month_to]``
+        (``YYYY-MM``), from the monthly rollup."""
+        return {
+            m: (to_kwh(mwh), gap)
+            for m, mwh, gap in self.conn.execute(
+                "SELECT meter, sum(mwh), sum(gap_kwh) FROM monthly WHERE month BETWEEN ? AND ?"
+                " GROUP BY meter", (month_from, month_to))
+        }
+
+    def daily_totals(self, day_from: str, day_to: str) -> dict[str, tuple[float, float]]:
+        """kWh and gap upper bound per meter over local days ``[day_from, day_to]``."""
+        return {
+            m: (to_kwh(mwh), gap)
+            for m, mwh, gap in self.conn.execute(
+                "SELECT meter, sum(mwh), sum(gap_kwh) FROM daily WHERE day BETWEEN ? AND ?"
+                " GROUP BY meter", (day_from, day_to))
+        }
+
+    def energy_between(self, start_ts: float, end_ts: float,
+                       bucket_s: int = 900) -> dict[str, float]:
+        """kWh per meter accounted in ``[start_ts, end_ts]`` (``end_ts`` is "now").
+
+        A window shorter than a ledger bucket is summed from the readings: each
+        reading's ``delta_kwh`` was used evenly over ``[since_ts, ts]``, and the part
+        inside the window counts.  A longer window comes from the ledger: buckets
+        inside it count whole, the first one pro rata, and the bucket holding
+        ``end_ts`` -- still being filled, so its energy lies in ``[bucket, end_ts]``
+        -- pro rata over that part only.
+        """
+        if end_ts - start_ts < bucket_s:
+            return self._energy_from_readings(start_ts, end_ts)
+        first = int(start_ts // bucket_s) * bucket_s
+        out: dict[str, float] = {}
+        for meter, bucket, mwh in self.conn.execute(
+            "SELECT meter, bucket, mwh FROM ledger WHERE bucket >= ? AND bucket < ?",
+            (first, end_ts),
+        ):
+            lo, hi = max(bucket, start_ts), min(bucket + bucket_s, end_ts)
+            if hi <= lo:
+                continue
+            span = min(bucket_s, end_ts - bucket)
+            share = 1.0 if hi - lo >= span else (hi - lo) / span
+            out[meter] = out.get(meter, 0.0) + to_kwh(mwh) * share
+        return out
+
+    def _energy_from_readings(self, start_ts: float, end_ts: float) -> dict[str, float]:
+        # since_ts is NULL only in rows written before it existed: taken as an instant
+        rows = self.conn.execute(
+            "SELECT meter, sum(CASE WHEN s = ts THEN delta_kwh ELSE"
+            " delta_kwh * (min(ts, :end) - max(s, :start)) / (ts - s) END)"
+            " FROM (SELECT meter, ts, delta_kwh, min(coalesce(since_ts, ts), ts) AS s"
+            "       FROM readings WHERE ts > :start AND delta_kwh > 0)"
+            " WHERE (s < ts AND s < :end) OR (s = ts AND ts <= :end) GROUP BY meter",
+            {"start": start_ts, "end": end_ts},
+        )
+        return {str(m): float(kwh) for m, kwh in rows}
+
+    def outcomes(self) -> dict[str, dict[str, int]]:
+        """``{'ignored': {reason: n}, 'skipped': {reason: n}}`` since the store was made."""
+        out: dict[str, dict[str, int]] = {"ignored": {}, "skipped": {}}
+        for outcome, reason, n in self.conn.execute(
+                "SELECT outcome, reason, sum(n) FROM intake_outcomes GROUP BY outcome, reason"
+                " ORDER BY outcome, reason"):
+            out.setdefault(str(outcome), {})[str(reason)] = int(n)
+        return out
+
+    def anomaly_counts(self, since_ts: float = 0.0) -> dict[str, int]:
+        """Anomalies recorded since ``since_ts`` by kind."""
+        return {str(k): int(n) for k, n in self.conn.execute(
+            "SELECT kind, count(*) FROM anomalies WHERE ts >= ? GROUP BY kind ORDER BY kind",
+            (since_ts,))}
+
+    def kv_get(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def counts(self) -> dict[str, int]:
+        q = {
+            "readings": "SELECT coalesce(max(id), 0) FROM readings",
+            "dead_letters": "SELECT count(*) FROM dead_letters",
+            "gaps": "SELECT count(*) FROM gaps",
+            "anomalies": "SELECT count(*) FROM anomalies",
+        }
+        return {k: int(self.conn.execute(sql).fetchone()[0]) for k, sql in q.items()}
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def housekeeping(self, now: float, raw_retention_days: int,
+                     keep_from_id: int | None = None) -> dict[str, int]:
+        """Drop raw data past retention.  Never drops unexported
+        readings (``keep_from_id``: the export cursor) or the ledger (it is the record)."""
+        cutoff = now - raw_retention_days * 86400.0
+        with self.transaction() as c:
+            if keep_from_id is None:
+                n = c.execute("DELETE FROM readings WHERE ts < ?", (cutoff,)).rowcount
+            else:
+                n = c.execute("DELETE FROM readings WHERE ts < ? AND id <= ?",
+                              (cutoff, keep_from_id)).rowcount
+            d = c.execute("DELETE FROM dead_letters WHERE received_at < ?", (cutoff,)).rowcount
+        return {"readings": n, "dead_letters": d}

@@ -1,0 +1,1 @@
+"""The meter simulator (demo, tests, benchmarks); not part of the daemon."""
