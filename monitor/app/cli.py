@@ -19,12 +19,14 @@ from types import FrameType
 
 from monitor import __version__
 from monitor import config as config_mod
-from monitor.act import audit, events
-from monitor.act.orders import Actions, ActionsError, transaction
+from monitor.act.orders import Actions, ActionsError
 from monitor.app import status
 from monitor.app.service import Service
 from monitor.config import Config, ConfigError
+from monitor.outputs import events
 from monitor.report import build as report
+from monitor.store import audit
+from monitor.store.db import StoreError, transaction
 from monitor.store.ledger import Store
 from sim import simulate
 
@@ -62,8 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", exc)
         svc.stop()
         return EXIT_FAIL
-    while not stop.wait(1.0):
-        pass
+    svc.supervise(stop)  # sd_notify READY/WATCHDOG/STATUS when run by systemd
     svc.stop()
     return EXIT_OK
 
@@ -97,10 +98,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_store(cfg: Config) -> Store:
-    if not Path(cfg.storage.path).exists():
-        raise FileNotFoundError(f"no store at {cfg.storage.path}: has the daemon run yet?")
-    return Store(cfg.storage.path)
+def _open_store(cfg: Config, *, write: bool = False) -> Store:
+    """The store for a command: read-only unless it must ``write``; never migrated
+    (only the daemon migrates, so a newer CLI cannot change the schema under an
+    older daemon).  Raises :class:`StoreError` naming the problem."""
+    reader = Store(cfg.storage.path, readonly=True)  # checks it exists, at our schema
+    if not write:
+        return reader
+    reader.close()
+    return Store(cfg.storage.path, migrate_schema=False)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -114,7 +120,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_orders(args: argparse.Namespace) -> int:
     cfg = _load(args, secrets=False)
-    st = _open_store(cfg)
+    st = _open_store(cfg, write=args.orders_cmd == "resume")
     try:
         if args.orders_cmd == "resume":
             now = time.time()
@@ -224,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, StoreError) as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_FAIL
     except KeyboardInterrupt:

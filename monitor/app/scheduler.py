@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
@@ -27,6 +28,8 @@ class Scheduler:
         self.metrics = metrics
         self.grace = int(max(1, misfire_grace_s))
         self.sched = BackgroundScheduler(timezone=tz)
+        #: time.monotonic() of the last finished job run (ok or error): watchdog progress
+        self.last_done = time.monotonic()
 
     def every(self, job_id: str, seconds: float, func: Callable[[], object]) -> None:
         """Run ``func`` every ``seconds``, first run right after start."""
@@ -39,6 +42,8 @@ class Scheduler:
                 log.exception("job %s failed; it runs again in %ss", job_id, seconds)
             else:
                 self.metrics.jobs.labels(job_id, "ok").inc()
+            finally:
+                self.last_done = time.monotonic()
 
         self.sched.add_job(
             guarded, "interval", seconds=seconds, id=job_id, name=job_id,
@@ -47,7 +52,16 @@ class Scheduler:
         )
 
     def start(self) -> None:
+        self.last_done = time.monotonic()
         self.sched.start()
+
+    def stalled(self, now: float, limit_s: float) -> str:
+        """Why the scheduler made no progress for ``limit_s`` (monotonic ``now``), or ""."""
+        if not self.sched.running:
+            return "scheduler: not running"
+        if now - self.last_done > limit_s:
+            return f"scheduler: no job finished for {now - self.last_done:.0f}s"
+        return ""
 
     def shutdown(self) -> None:
         if self.sched.running:

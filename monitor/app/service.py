@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from monitor import __version__
@@ -24,6 +24,7 @@ from monitor.act.orders import Actions
 from monitor.app import status as status_mod
 from monitor.app.http import HttpServer
 from monitor.app.scheduler import Scheduler
+from monitor.app.sdnotify import Notifier
 from monitor.config import Config
 from monitor.intake.mqtt import MqttLink
 from monitor.intake.worker import Intake
@@ -44,6 +45,10 @@ WEBHOOK_BACKLOG_TOO_OLD_S = 900.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
 WEBHOOK_ROWS_KEPT_S = 30 * 86400.0
+#: the watchdog asks for progress within WatchdogSec, but never less than this: the
+#: scheduler's shortest job runs every ORDERS_TICK_S
+PROGRESS_MIN_S = 3 * ORDERS_TICK_S
+STATUS_EVERY_S = 5.0  # STATUS= updates without a watchdog
 
 
 class _ExportMetrics:
@@ -69,8 +74,10 @@ class _ExportMetrics:
 class Service:
     """A running daemon.  ``start()`` then ``stop()``; both from the main thread."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier if notifier is not None else Notifier()
         self.clock = clock
         self.metrics = Metrics()
         self.queue: queue.Queue[object] = queue.Queue(
@@ -140,6 +147,64 @@ class Service:
     def status(self) -> dict[str, Any]:
         return status_mod.build(self.reader(), self.config, self.clock())
 
+    # ------------------------------------------------------------------ supervision
+
+    def progress_limit_s(self) -> float:
+        wd = self.notifier.watchdog_s
+        return max(wd, PROGRESS_MIN_S) if wd else PROGRESS_MIN_S
+
+    def stalled(self) -> list[str]:
+        """The components that made no progress within :meth:`progress_limit_s`: the
+        intake loop, the store writer and the scheduler (empty: all progressing)."""
+        now, limit = time.monotonic(), self.progress_limit_s()
+        reasons = []
+        if self.worker is None or not self.worker.is_alive():
+            reasons.append("intake: worker not running")
+        elif self.intake is not None:
+            reasons.append(self.intake.stalled(now, limit))
+        reasons.append(self.scheduler.stalled(now, limit))
+        return [r for r in reasons if r]
+
+    def status_line(self, stalled: Sequence[str] = ()) -> str:
+        """The one-line summary systemd shows (``systemctl status``: "Status:")."""
+        mqtt = "connected" if self.mqtt is not None and self.mqtt.connected.is_set() \
+            else "disconnected"
+        last = self.intake.last_commit_at if self.intake is not None else None
+        commit = f"last commit {self.clock() - last:.0f}s ago" if last else "no commit yet"
+        line = f"mqtt {mqtt}, queue {self.queue.qsize()}, {commit}"
+        problems = list(stalled) or self.health()
+        if stalled:
+            return f"watchdog withheld: {'; '.join(problems)} | {line}"
+        if problems:
+            return f"degraded: {'; '.join(problems)} | {line}"
+        return f"ok: {line}"
+
+    def supervise(self, stop: threading.Event) -> None:
+        """The main loop: until ``stop`` is set, tell systemd how we are.
+
+        ``WATCHDOG=1`` is sent every half watchdog interval, and only while
+        :meth:`stalled` is empty; so systemd restarts a daemon whose intake, store
+        writer or scheduler is wedged.  ``STATUS=`` goes with every notification."""
+        wd = self.notifier.watchdog_s
+        period = min(wd / 2, STATUS_EVERY_S) if wd else STATUS_EVERY_S
+        withheld = False
+        while not stop.wait(period):
+            if not self.notifier.enabled:
+                continue
+            stalled = self.stalled()
+            line = self.status_line(stalled)
+            if wd and not stalled:
+                if withheld:
+                    log.warning("watchdog pings resume: intake, store and scheduler progress")
+                    withheld = False
+                self.notifier.watchdog(line)
+                continue
+            if wd and not withheld:
+                log.error("watchdog pings withheld, systemd will restart us: %s",
+                          "; ".join(stalled))
+                withheld = True
+            self.notifier.status(line)
+
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
@@ -182,8 +247,13 @@ class Service:
             log.info("HTTP on %s:%d", cfg.http.host, self.http.port)
         self.mqtt.start()
         log.info("energy-monitor %s started (config %s)", cfg.site.id, cfg.digest[:12])
+        if self.notifier.enabled:
+            log.info("systemd notification socket %s, watchdog %s", self.notifier.address,
+                     f"{self.notifier.watchdog_s:g}s" if self.notifier.watchdog_s else "off")
+            self.notifier.ready(self.status_line())
 
     def stop(self) -> None:
+        self.notifier.stopping("stopping: draining intake, last flush")
         if self.mqtt is not None:
             self.mqtt.stop_intake()
         if self.intake is not None and self.worker is not None:
@@ -201,6 +271,7 @@ class Service:
             self.http.close()
         if self.store is not None:
             self.store.close()
+        self.notifier.close()
         log.info("energy-monitor stopped")
 
     def _final_flush(self) -> None:

@@ -43,6 +43,7 @@ from monitor.store.ledger import IntakeBatch, Rollup, Store, StoreError
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_KEEP_BYTES = 1024
+IDLE_TICK_S = 1.0  # an idle worker stamps ``taken_at`` this often (watchdog progress)
 STOP = object()  # queue sentinel: drain what came before, then return
 NO_SOURCE, SIGNAL, DISCOVERY = -1, -2, -3  # routes other than a [[sources]] index
 #: formats whose devices publish Home Assistant discovery configs the parsers can use
@@ -115,6 +116,11 @@ class Intake:
     #: read by the health check from other threads (plain attribute reads are atomic)
     commit_error: str = field(default="", init=False)
     last_commit_at: float | None = field(default=None, init=False)
+    #: progress points for the systemd watchdog (time.monotonic()): when the loop last
+    #: took from the queue, since when it holds a batch, since when it tries to commit
+    taken_at: float = field(default_factory=time.monotonic, init=False)
+    busy_since: float | None = field(default=None, init=False)
+    commit_since: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -453,7 +459,13 @@ class Intake:
         """Consume the queue until :data:`STOP` is taken from it (or :meth:`stop`)."""
         cfg = self.config.intake
         while True:
-            first = self.queue.get()
+            self.busy_since = None
+            try:  # wake up now and then, so that an idle loop shows it is alive
+                first = self.queue.get(timeout=IDLE_TICK_S)
+            except queue.Empty:
+                self.taken_at = time.monotonic()
+                continue
+            self.taken_at = self.busy_since = time.monotonic()
             if first is STOP:
                 return
             msgs: list[Message] = [first]  # type: ignore[list-item]
@@ -477,6 +489,7 @@ class Intake:
         """Process and commit one batch, retrying the commit until it succeeds or we stop."""
         batch, rep = self.process(msgs)
         delay = 0.5
+        self.commit_since = time.monotonic()
         while True:
             t0 = time.perf_counter()
             try:
@@ -492,12 +505,27 @@ class Intake:
                     raise
                 delay = min(delay * 2, 30.0)
         self.commit_error = ""
+        self.commit_since = None
         self.last_commit_at = time.time()
         self.metrics.store_ok.set(1)
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.last_commit.set(self.last_commit_at)
         self.ack(msgs)
         return rep
+
+    def stalled(self, now: float, limit_s: float) -> str:
+        """Why the intake or the store writer made no progress for ``limit_s`` (monotonic
+        ``now``), or "".  An idle intake (empty queue) is progressing."""
+        commit, busy = self.commit_since, self.busy_since
+        if commit is not None and now - commit > limit_s:
+            why = f": {self.commit_error}" if self.commit_error else ""
+            return f"store writer: a batch has waited {now - commit:.0f}s for its commit{why}"
+        if commit is None and busy is not None and now - busy > limit_s:
+            return f"intake: one batch in processing for {now - busy:.0f}s"
+        depth = self.queue.qsize()
+        if busy is None and depth and now - self.taken_at > limit_s:
+            return f"intake: {depth} messages waiting, none taken for {now - self.taken_at:.0f}s"
+        return ""
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish: queued messages are still drained first."""
