@@ -21,11 +21,11 @@ from zoneinfo import ZoneInfo
 from pydantic import TypeAdapter
 
 from monitor.config import Rule, SiteConfig
+from monitor.core.signal import Signal
 from monitor.rules.alerts import AlertState, step
 from monitor.rules.evaluate import (
     AnyRule,
     MeterSnapshot,
-    Signal,
     Snapshot,
     evaluate_all,
     periods_needed,

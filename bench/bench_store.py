@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script, or imported by a harness in be
 from bench.bench_rules import GROUPS, METERS, rule_set  # noqa: E402
 from monitor.config import Config  # noqa: E402
 from monitor.core.accounting import MeterState  # noqa: E402
+from monitor.core.periods import period_bounds  # noqa: E402
 from monitor.rules import evaluate as rules  # noqa: E402
 from monitor.rules.check import build_snapshot  # noqa: E402
 from monitor.store.ledger import Store  # noqa: E402
@@ -164,7 +165,7 @@ def run(workdir: Path, meters: int = METERS, days: int = DAYS,
         med, mx = _median_ms(store.meters, repeat)
         steps["meters"] = {"median_ms": med, "max_ms": mx}
         for period in sorted(rules.periods_needed(cfg.rules)):
-            start, _end, _label = rules.period_bounds(period, now, tz)
+            start, _end, _label = period_bounds(period, now, tz)
             first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
             if period == "calendar_day":  # the same reads as monitor.rules.check.build_snapshot
                 med, mx = _median_ms(partial(store.daily_totals, first, today), repeat)

@@ -56,6 +56,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from monitor.config import FORMATS
+from monitor.core.timefmt import rfc3339
 
 __all__ = [
     "DEFAULT_RATED_KW", "EX_FAIL", "EX_OK", "EX_USAGE", "FORMATS", "MAX_GAP_READINGS",
@@ -398,8 +399,8 @@ class Truth:
     def as_dict(self) -> dict[str, Any]:
         return {
             "site": self.site,
-            "start": _rfc3339(self.start),
-            "end": _rfc3339(self.end),
+            "start": rfc3339(self.start),
+            "end": rfc3339(self.end),
             "start_ts": self.start,
             "end_ts": self.end,
             "interval_s": self.interval_s,
@@ -412,8 +413,8 @@ class Truth:
     def summary(self) -> str:
         t = self.totals()
         return (
-            f"simulated {t['meters']} meters of site {self.site} from {_rfc3339(self.start)} "
-            f"to {_rfc3339(self.end)}: {t['readings']} readings in {t['messages']} messages "
+            f"simulated {t['meters']} meters of site {self.site} from {rfc3339(self.start)} "
+            f"to {rfc3339(self.end)}: {t['readings']} readings in {t['messages']} messages "
             f"({t['duplicates']} duplicated, {t['garbage']} garbage, {t['gaps']} gaps "
             f"skipping {t['skipped']} readings, {t['resets']} counter resets, "
             f"{t['commands']} commands obeyed, {t['unacked']} unacknowledged)\n"
@@ -430,11 +431,6 @@ def default_start(options: SimOptions, now: float | None = None) -> float:
     if options.speed == 0 and options.duration_s is not None:
         return now_s - math.ceil(options.duration_s)
     return now_s
-
-
-def _rfc3339(ts: float) -> str:
-    d = dt.datetime.fromtimestamp(ts, dt.UTC)
-    return d.isoformat(timespec="milliseconds" if ts % 1 else "seconds").replace("+00:00", "Z")
 
 
 # --------------------------------------------------------------------------- sinks

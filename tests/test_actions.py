@@ -24,13 +24,14 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor.act import audit
-from monitor.act.orders import Actions, transaction
+from monitor.act.orders import Actions
 from monitor.config import Config, parse
+from monitor.core.verdict import Verdict
 from monitor.intake.mqtt import MqttLink
 from monitor.metrics import Metrics
 from monitor.outputs import webhooks
-from monitor.rules.evaluate import Verdict
+from monitor.store import audit
+from monitor.store.db import transaction
 from monitor.store.ledger import Store
 from tests.servers import Mosquitto
 

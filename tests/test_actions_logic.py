@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from monitor.act.orders import Actions, ActionsError, UlidFactory, device_command, transaction
+from monitor.act.orders import Actions, ActionsError, UlidFactory, device_command
 from monitor.app import cli
 from monitor.config import ControlConfig
 from monitor.intake.mqtt import MqttError
 from monitor.metrics import Metrics
+from monitor.store.db import transaction
 from monitor.store.ledger import Store
 from tests.test_actions import (
     RATED_W,

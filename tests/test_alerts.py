@@ -15,6 +15,7 @@ from monitor.config import (
     PowerCapRule,
     StaleDataRule,
 )
+from monitor.core.verdict import State, Verdict
 from monitor.rules.alerts import (
     MAX_METER_EVENTS,
     AlertState,
@@ -23,7 +24,7 @@ from monitor.rules.alerts import (
     on_actions,
     step,
 )
-from monitor.rules.evaluate import AnyRule, State, Verdict
+from monitor.rules.evaluate import AnyRule
 from monitor.store.schema import MIGRATIONS
 
 T0 = 1_795_000_000.0

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from monitor.act import audit
+from monitor.store import audit
 from monitor.store.schema import MIGRATIONS
 
 T0 = 1_795_000_000.0
@@ -21,7 +21,7 @@ N = 6
 
 def _migrate(conn: sqlite3.Connection) -> None:
     try:
-        from monitor.store.ledger import migrate  # noqa: PLC0415 -- the store module is optional here
+        from monitor.store.db import migrate  # noqa: PLC0415 -- the store module is optional here
     except ImportError:
         for _, sql in sorted(MIGRATIONS):
             conn.executescript(sql)

@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import monitor.store.ledger
+import monitor.store.db
 from monitor import config
 from monitor.app.service import Service
 from tests.daemon import Daemon, publisher, query, status_json, wait_for, write_config
@@ -251,17 +251,17 @@ def test_locked_store_holds_readings_unacknowledged_and_commits_them_once(
 
     The daemon's commits wait SQLite's busy timeout (30 s in production) and then
     fail; here the in-process service's connections get 250 ms instead, by wrapping
-    ``monitor.store.ledger.connect`` (the one place every store connection is opened), so
+    ``monitor.store.db.connect`` (the one place every read-write connection is opened), so
     the failure is seen within the test without holding the lock for 30 s.
     """
-    real_connect = monitor.store.ledger.connect
+    real_connect = monitor.store.db.connect
 
-    def quick_connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-        conn = real_connect(path, readonly=readonly)
+    def quick_connect(path: Path | str) -> sqlite3.Connection:
+        conn = real_connect(path)
         conn.execute("PRAGMA busy_timeout=250")
         return conn
 
-    monkeypatch.setattr(monitor.store.ledger, "connect", quick_connect)
+    monkeypatch.setattr(monitor.store.db, "connect", quick_connect)
     receive_maximum = 10
     cfg_path, port = http_config(
         tmp_path, broker.port,

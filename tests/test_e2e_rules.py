@@ -23,6 +23,7 @@ import pytest
 
 from monitor import config
 from monitor.core.model import Message
+from monitor.core.timefmt import rfc3339
 from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
 from monitor.rules.check import Checker
@@ -567,8 +568,7 @@ RULE_KEYS = {"id", "scope", "state", "value", "limit", "unit", "projected"}
 
 
 def iso_z(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return rfc3339(ts)  # the daemon's one time format: milliseconds when not whole
 
 
 def check_status_shape(st: dict[str, Any], site: str, tz: str) -> None:

@@ -22,9 +22,8 @@ from monitor.outputs.exporter import (
     DEAD_LETTER_KIND,
     ExportClosedError,
     Exporter,
-    event_line,
-    rule_line,
 )
+from monitor.outputs.lineproto import event_line, rule_line
 from tests.tsdb import (
     VM,
     FaultProxy,

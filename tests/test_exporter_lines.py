@@ -11,12 +11,9 @@ from monitor.outputs.exporter import (
     ExportRefusedError,
     ExportRejectedError,
     ExportUnavailableError,
-    event_line,
-    reading_line,
-    rule_line,
     translate_status,
-    ts_ns,
 )
+from monitor.outputs.lineproto import event_line, reading_line, rule_line, ts_ns
 
 
 def test_ts_ns_rounds_to_microseconds() -> None:

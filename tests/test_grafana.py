@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from monitor.outputs.exporter import event_line, reading_line, rule_line
+from monitor.outputs.lineproto import event_line, reading_line, rule_line
 from tests.tsdb import Influx1, influxdb1
 
 ROOT = Path(__file__).resolve().parents[1]

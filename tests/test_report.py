@@ -23,9 +23,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from monitor import __version__
-from monitor.act import audit
 from monitor.config import Config, parse
+from monitor.core import periods
+from monitor.core.timefmt import rfc3339
 from monitor.report import build as rp
+from monitor.store import audit
 from monitor.store.ledger import Store
 
 IRK = ZoneInfo("Asia/Irkutsk")
@@ -211,16 +213,16 @@ def rule(report: dict[str, Any], rid: str) -> dict[str, Any]:
 )
 def test_period_bounds_are_local_midnights(period: str, tz: ZoneInfo, hours: int,
                                            start_utc: str, end_utc: str) -> None:
-    pb = rp.period_bounds(period, tz)
+    pb = periods.month(period, tz)
     assert pb.seconds == hours * 3600
-    assert rp._utc(pb.start_ts) == start_utc and rp._utc(pb.end_ts) == end_utc
+    assert rfc3339(pb.start_ts) == start_utc and rfc3339(pb.end_ts) == end_utc
 
 
 @pytest.mark.parametrize("bad", ["2026-13", "2026-00", "2026-1", "26-11", "2026/11", "",
                                  "2026-11-01", "november", "0999-01"])
 def test_malformed_period_is_a_clear_value_error(bad: str) -> None:
     with pytest.raises(ValueError, match="period"):
-        rp.parse_period(bad)
+        periods.parse_month(bad)
 
 
 # --------------------------------------------------------------------------- content (Irkutsk)

@@ -17,6 +17,7 @@ from monitor.config import (
     SiteConfig,
     StaleDataRule,
 )
+from monitor.core.periods import period_bounds
 from monitor.rules.evaluate import (
     RUN_RATE_WINDOW_S,
     AnyRule,
@@ -26,7 +27,6 @@ from monitor.rules.evaluate import (
     applies,
     evaluate,
     evaluate_all,
-    period_bounds,
     periods_needed,
     windows_needed,
 )

@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from monitor.config import BanWindowRule, SiteConfig
+from monitor.core.verdict import Verdict
 from monitor.rules.evaluate import (
     MeterSnapshot,
     Snapshot,
-    Verdict,
     ban_spans,
     evaluate,
     evaluate_all,

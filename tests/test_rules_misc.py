@@ -15,15 +15,14 @@ from monitor.config import (
     SiteConfig,
     StaleDataRule,
 )
+from monitor.core.signal import Signal, parse_signal
 from monitor.rules.evaluate import (
     RUN_RATE_WINDOW_S,
     AnyRule,
     MeterSnapshot,
-    Signal,
     Snapshot,
     evaluate,
     evaluate_all,
-    parse_signal,
 )
 
 NOW = 1_795_000_000.0  # 2026-11-18
@@ -161,7 +160,7 @@ def test_parse_signal() -> None:
         (b'{"target_kw": -1, "until": "2026-11-27T18:00:00Z"}', ">= 0"),
         (b'{"target_kw": NaN, "until": "2026-11-27T18:00:00Z"}', ">= 0"),
         (b'{"target_kw": 0, "until": "tomorrow"}', "not an RFC 3339 time"),
-        (b'{"target_kw": 0, "until": "2026-11-27T18:00:00"}', "lacks a UTC offset"),
+        (b'{"target_kw": 0, "until": "2026-11-27T18:00:00"}', "needs an offset"),
         (b'{"target_kw": 0, "until": null}', "must be an RFC 3339 time"),
         (b'{"target_kw": 0, "until": false}', "not a boolean"),
     ],

@@ -434,14 +434,14 @@ class FaultProxy:
 def open_store(path: Path) -> sqlite3.Connection:
     """A real SQLite store with the project's schema (autocommit connection).
 
-    Uses ``monitor.store.ledger.migrate`` when that module provides it, else applies
+    Uses ``monitor.store.db.migrate`` when that module provides it, else applies
     :data:`monitor.store.schema.MIGRATIONS` directly.
     """
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     migrate: Any = None
     with contextlib.suppress(ImportError):
-        migrate = getattr(importlib.import_module("monitor.store.ledger"), "migrate", None)
+        migrate = getattr(importlib.import_module("monitor.store.db"), "migrate", None)
     if migrate is not None:
         migrate(conn)
     else:

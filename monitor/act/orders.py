@@ -28,8 +28,6 @@ overtake a newer ``ON``.  Details, states and message formats:
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import logging
 import math
@@ -38,15 +36,17 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from monitor.act import audit
 from monitor.config import Config, ControlConfig, MeterConfig
+from monitor.core.timefmt import rfc3339
+from monitor.core.verdict import Verdict
 from monitor.intake.mqtt import MqttError, orders_topic
 from monitor.metrics import Metrics
-from monitor.rules.evaluate import Verdict
+from monitor.store import audit
+from monitor.store.db import transaction
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,6 @@ class UlidFactory:
         return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
-def rfc3339(ts: float) -> str:
-    """Unix seconds as ``2026-11-27T02:00:00Z`` (milliseconds only when not whole)."""
-    when = dt.datetime.fromtimestamp(ts, dt.UTC)
-    spec = "seconds" if when.microsecond == 0 else "milliseconds"
-    return when.isoformat(timespec=spec).replace("+00:00", "Z")
-
-
 def _kw(power_w: float) -> str:
     return f"{power_w / 1000.0:.1f} kW"
 
@@ -132,18 +125,6 @@ def _listing(names: Sequence[str], limit: int = 10) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a bare connection; rolled back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 # --------------------------------------------------------------------------- values

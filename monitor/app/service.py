@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from monitor import __version__
-from monitor.act import audit, events
 from monitor.act.orders import Actions
 from monitor.app import status as status_mod
 from monitor.app.http import HttpServer
@@ -30,10 +29,11 @@ from monitor.intake.mqtt import MqttLink
 from monitor.intake.worker import Intake
 from monitor.intake.worker import subscriptions as intake_subscriptions
 from monitor.metrics import Metrics
-from monitor.outputs import webhooks
+from monitor.outputs import events, webhooks
 from monitor.outputs.exporter import Backlog, Exporter
 from monitor.outputs.webhooks import WebhookSender
 from monitor.rules.check import Checker
+from monitor.store import audit
 from monitor.store.ledger import Store
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,20 @@ class Service:
     # ------------------------------------------------------------------ helpers
 
     def reader(self) -> Store:
-        """A store connection for the calling thread (scheduler jobs, HTTP handlers)."""
-        st: Store | None = getattr(self._readers, "store", None)
+        """A read-only store connection for the calling thread (HTTP handlers, status)."""
+        st: Store | None = getattr(self._readers, "reader", None)
         if st is None:
-            st = Store(self.config.storage.path)
-            self._readers.store = st
+            st = Store(self.config.storage.path, readonly=True)
+            self._readers.reader = st
+        return st
+
+    def writer(self) -> Store:
+        """A read-write store connection for the calling thread (scheduler jobs).  The
+        schema was migrated once at start; these connections do not migrate."""
+        st: Store | None = getattr(self._readers, "writer", None)
+        if st is None:
+            st = Store(self.config.storage.path, migrate_schema=False)
+            self._readers.writer = st
         return st
 
     def subscriptions(self) -> list[tuple[str, int]]:
@@ -290,11 +299,11 @@ class Service:
 
     def _check(self) -> None:
         assert self.checker is not None
-        self.checker.run(self.reader(), self.clock())
+        self.checker.run(self.writer(), self.clock())
 
     def _orders(self) -> None:
         assert self.actions is not None
-        self.actions.tick(self.reader().conn, self.clock())
+        self.actions.tick(self.writer().conn, self.clock())
 
     def _webhooks(self) -> None:
         assert self.sender is not None
@@ -325,7 +334,7 @@ class Service:
     def _export_recovered(self) -> None:
         """Resolve the alert of a refused export once writes succeed again (kv-persisted,
         so a restart in between still resolves it)."""
-        st = self.reader()
+        st = self.writer()
         if st.kv_get(EXPORT_ALERT_KEY) is None:
             return
         with st.transaction() as conn:
@@ -337,7 +346,7 @@ class Service:
 
     def _export_refused(self, reason: str) -> None:
         """InfluxDB said 401/403: tell the operator through the webhooks (once per cause)."""
-        st = self.reader()
+        st = self.writer()
         with st.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
                          (EXPORT_ALERT_KEY, reason))
@@ -347,7 +356,7 @@ class Service:
             }, self.clock())
 
     def _housekeeping(self) -> None:
-        st = self.reader()
+        st = self.writer()
         keep_from = None
         if self.config.influxdb is not None:  # never delete what InfluxDB has not got yet
             keep_from = int(st.kv_get("export.readings", "0") or 0)

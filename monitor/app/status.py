@@ -6,32 +6,23 @@ not block the writer).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any
 
 from monitor.config import Config
+from monitor.core.periods import period_of
+from monitor.core.timefmt import rfc3339_or_none as _iso
 from monitor.store.ledger import Store
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
 
 
 def month_bounds(now: float, config: Config) -> tuple[str, str, str]:
     """(first day, last day, label) of the current calendar month in the site's zone."""
-    local = dt.datetime.fromtimestamp(now, config.site.tz).date()
-    first = local.replace(day=1)
-    nxt = (first + dt.timedelta(days=32)).replace(day=1)
-    return first.isoformat(), (nxt - dt.timedelta(days=1)).isoformat(), first.strftime("%Y-%m")
+    p = period_of("calendar_month", now, config.site.tz)
+    return p.first_day.isoformat(), p.last_day.isoformat(), p.label
 
 
 def _month_start(now: float, config: Config) -> float:
-    local = dt.datetime.fromtimestamp(now, config.site.tz)
-    return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+    return period_of("calendar_month", now, config.site.tz).start_ts
 
 
 def build(store: Store, config: Config, now: float) -> dict[str, Any]:

@@ -34,11 +34,12 @@ from monitor.core.model import (
     Reading,
     TsSource,
 )
+from monitor.core.signal import parse_signal
 from monitor.intake.parsers import Parser, make_parser
 from monitor.intake.parsers.discovery import DiscoveryRegistry
 from monitor.metrics import Metrics
-from monitor.rules.evaluate import parse_signal
-from monitor.store.ledger import IntakeBatch, Rollup, Store, StoreError
+from monitor.store.db import StoreError
+from monitor.store.ledger import IntakeBatch, Rollup, Store
 
 log = logging.getLogger(__name__)
 

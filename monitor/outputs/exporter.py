@@ -45,10 +45,8 @@ a log line or an exception raised here.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
 import logging
-import math
 import random
 import sqlite3
 import threading
@@ -59,118 +57,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from monitor.config import InfluxConfig
+from monitor.outputs.lineproto import event_line, reading_line
+from monitor.outputs.retry import RETRY_AFTER_CAP_S, Backoff, retry_after_s
+from monitor.store import db
 
 log = logging.getLogger(__name__)
 
 READINGS_CURSOR = "export.readings"
 OUTBOX_CURSOR = "export.outbox"
 DEAD_LETTER_KIND = "export.dead_letter"
-MAX_RETRY_AFTER_S = 3600.0  # a server's Retry-After beyond this is taken as this
+MAX_RETRY_AFTER_S = RETRY_AFTER_CAP_S  # a server's Retry-After beyond this is taken as this
 MAX_REASON_CHARS = 1000
-
-# --------------------------------------------------------------------------- line protocol
-
-_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\ ", "\r": r"\ ",
-                              "\t": r"\ "})
-_STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": " ", "\r": " "})
-
-
-def ts_ns(ts: float) -> int:
-    """Unix seconds (float) -> integer nanoseconds, rounded to the microsecond.
-
-    The rounding makes the timestamp of a reading the same on every replay and
-    on every platform, which is what makes a re-write an overwrite.
-    """
-    return round(ts * 1_000_000) * 1000
-
-
-def _tag_value(value: str) -> str:
-    # Line protocol cannot end a tag value with a backslash (it would escape the
-    # separator after it; InfluxDB rejects even a doubled one), so trailing
-    # backslashes are dropped.  Control characters become spaces.
-    return value.rstrip("\\").translate(_TAG_ESCAPES)
-
-
-def _tags(pairs: Sequence[tuple[str, str]]) -> str:
-    # Sorted by key (InfluxDB's canonical order); empty values are left out, as
-    # line protocol has no empty tag value.
-    return "".join(
-        f",{key}={esc}" for key, value in sorted(pairs) if (esc := _tag_value(value))
-    )
-
-
-def _float(value: float | None) -> str | None:
-    if value is None:
-        return None
-    f = float(value)
-    if not math.isfinite(f):
-        return None
-    return repr(f)
-
-
-def _fields(pairs: Sequence[tuple[str, str | None]]) -> str:
-    return ",".join(f"{key}={value}" for key, value in pairs if value is not None)
-
-
-def _string(value: str) -> str:
-    return '"' + value.translate(_STRING_ESCAPES) + '"'
-
-
-def reading_line(site: str, meter: str, group: str, fmt: str, ts: float, *,
-                 power_w: float | None, energy_kwh: float | None,
-                 delta_kwh: float | None, voltage_v: float | None = None,
-                 current_a: float | None = None) -> str | None:
-    """One ``energy_reading`` line, or ``None`` when no field has a finite value.
-
-    NULL (``None``) and non-finite fields are left out; ``delta_kwh`` (what the
-    ledger accounted) is written as ``energy_delta_kwh``.
-    """
-    fields = _fields([
-        ("power_w", _float(power_w)),
-        ("energy_kwh", _float(energy_kwh)),
-        ("energy_delta_kwh", _float(delta_kwh)),
-        ("voltage_v", _float(voltage_v)),
-        ("current_a", _float(current_a)),
-    ])
-    if not fields:
-        return None
-    tags = _tags([("site", site), ("meter", meter), ("group", group), ("format", fmt)])
-    return f"energy_reading{tags} {fields} {ts_ns(ts)}"
-
-
-def rule_line(
-    site: str, rule: str, scope: str, value: float | None, limit: float | None,
-    ratio: float | None, projected: float | None, state_int: int, ts: float,
-) -> str:
-    """One ``energy_rule`` line: a rule's verdict for one scope at ``ts``.
-
-    ``state_int`` is 0 ok, 1 warning, 2 breach (written as an integer field);
-    ``value``/``limit``/``ratio``/``projected`` are floats, left out when None.
-    Pure: the rules module calls it and puts the result into ``export_outbox``.
-    """
-    if state_int not in (0, 1, 2):
-        raise ValueError(f"state_int must be 0, 1 or 2, not {state_int!r}")
-    fields = _fields([
-        ("value", _float(value)),
-        ("limit", _float(limit)),
-        ("ratio", _float(ratio)),
-        ("projected", _float(projected)),
-        ("state", f"{int(state_int)}i"),
-    ])
-    tags = _tags([("site", site), ("rule", rule), ("scope", scope)])
-    return f"energy_rule{tags} {fields} {ts_ns(ts)}"
-
-
-def event_line(site: str, kind: str, rule: str, message: str, ts: float) -> str:
-    """One ``energy_event`` line (Grafana annotations): tags site, kind, rule; field message.
-
-    ``kind`` is an event kind such as ``alert.firing``, ``order.issued`` or
-    ``meter.stale``; ``rule`` may be empty (then the tag is left out).  Newlines
-    in ``message`` become spaces.  Pure, like :func:`rule_line`.
-    """
-    tags = _tags([("site", site), ("kind", kind), ("rule", rule)])
-    return f"energy_event{tags} message={_string(message)} {ts_ns(ts)}"
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -227,18 +124,6 @@ class WriteClient(Protocol):
     def close(self) -> None: ...
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    return None
-
-
 def _reason(body: Any, fallback: str) -> str:
     """The server's explanation: InfluxDB 2.x ``{"message"}``, 1.x ``{"error"}``, or text."""
     if isinstance(body, bytes):
@@ -258,8 +143,8 @@ def translate_status(status: int, reason: str, retry_after: str | None) -> Expor
         return ExportRejectedError(status, reason)
     if status in (401, 403, 404):
         return ExportRefusedError(status, reason)
-    return ExportUnavailableError(f"HTTP {status}: {reason}", status,
-                             _retry_after(retry_after) if status in (429, 503) else None)
+    hint = retry_after_s(retry_after, time.time()) if status in (429, 503) else None
+    return ExportUnavailableError(f"HTTP {status}: {reason}", status, hint)
 
 
 class InfluxWriteClient:
@@ -438,8 +323,7 @@ class Exporter:
         self._metrics: ExportMetrics = metrics if metrics is not None else _NoMetrics()
         self._on_auth_failure = on_auth_failure
         self._max_backlog_age_s = max_backlog_age_s
-        self._backoff_base_s = backoff_base_s
-        self._backoff_max_s = backoff_max_s
+        self._backoff = Backoff(backoff_base_s, backoff_max_s)
         self._client_factory = _client_factory
         self._clock = _clock
         self._now = _now
@@ -518,9 +402,7 @@ class Exporter:
     def _connect(self) -> sqlite3.Connection:
         if callable(self._db):
             return self._db()
-        conn = sqlite3.connect(str(self._db), timeout=30, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
+        return db.connect(self._db)
 
     def _client_or_new(self) -> WriteClient:
         if self._client is None:
@@ -585,16 +467,11 @@ class Exporter:
                 self._set_cursors(conn, {key: 0})
 
     def _set_cursors(self, conn: sqlite3.Connection, values: dict[str, int]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with db.transaction(conn):
             for key, value in values.items():
                 conn.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
                              "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                              (key, str(value)))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def _read_batch(self, conn: sqlite3.Connection, probe: bool = False) -> _Batch | None:
         size = 1 if probe else self.config.batch_size
@@ -647,8 +524,7 @@ class Exporter:
     def _commit(self, conn: sqlite3.Connection, batch: _Batch,
                 rejected: list[tuple[str, str]]) -> None:
         now = self._now()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with db.transaction(conn):
             upsert = ("INSERT INTO kv (key, value) VALUES (?, ?) "
                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
             if batch.last_reading is not None:
@@ -669,13 +545,8 @@ class Exporter:
                 if others:
                     message = (f"{len(others)} line(s) rejected by InfluxDB and kept in "
                                f"export_dead_letters; first: {others[0][1]}")
-                    conn.execute("INSERT INTO export_outbox (line) VALUES (?)",
-                                 (event_line(self.site_id, DEAD_LETTER_KIND, "",
-                                             message[:MAX_REASON_CHARS], now),))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+                    enqueue(conn, [event_line(self.site_id, DEAD_LETTER_KIND, "",
+                                              message[:MAX_REASON_CHARS], now)])
 
     def _succeeded(self) -> None:
         with self._state_lock:
@@ -698,9 +569,7 @@ class Exporter:
             if retry_after is not None:
                 delay = min(retry_after, MAX_RETRY_AFTER_S)
             else:
-                exp = min(self._failures - 1, 32)
-                cap = min(self._backoff_max_s, self._backoff_base_s * 2.0**exp)
-                delay = cap * (0.5 + 0.5 * self._random())  # "equal jitter"
+                delay = self._backoff.delay(self._failures, self._random())
             self._next_attempt = self._clock() + delay
             first = self._last_error != message
             self._last_error = message
@@ -755,3 +624,12 @@ class Exporter:
             self._backlog_reasons = tuple(reasons)
         self._metrics.backlog(backlog)
         return backlog
+
+
+def enqueue(conn: sqlite3.Connection, lines: Sequence[str]) -> None:
+    """Queue line-protocol ``lines`` for InfluxDB in the caller's transaction.
+
+    The one writer of ``export_outbox`` rows besides the exporter's own clean-up:
+    checks and events call this, the exporter sends and deletes them.
+    """
+    conn.executemany("INSERT INTO export_outbox (line) VALUES (?)", [(ln,) for ln in lines])

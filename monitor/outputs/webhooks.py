@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import email.utils
 import fnmatch
 import hashlib
 import hmac
@@ -41,15 +40,18 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from monitor.act.audit import canonical_json
 from monitor.config import WebhookConfig
+from monitor.core.timefmt import parse_rfc3339, rfc3339
+from monitor.outputs.retry import Backoff, retry_after_s
+from monitor.store import db as store_db
+from monitor.store.audit import canonical_json
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +111,6 @@ def matches(webhook: WebhookConfig, kind: str) -> bool:
     return any(fnmatch.fnmatchcase(kind, pattern) for pattern in webhook.events)
 
 
-def rfc3339(ts: float) -> str:
-    """Unix seconds as ``2026-11-27T02:00:00Z`` (milliseconds only when not whole)."""
-    when = dt.datetime.fromtimestamp(ts, dt.UTC)
-    spec = "seconds" if when.microsecond == 0 else "milliseconds"
-    return when.isoformat(timespec=spec).replace("+00:00", "Z")
-
-
 def _event_time(value: Any, now: float) -> float:
     if value is None:
         return now
@@ -129,12 +124,9 @@ def _event_time(value: Any, now: float) -> float:
         ts = value.timestamp()
     elif isinstance(value, str):
         try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            ts = parse_rfc3339(value)
         except ValueError as exc:
-            raise EventError(f"at: not an RFC 3339 time: {value!r}") from exc
-        if parsed.tzinfo is None:
-            raise EventError(f"at: RFC 3339 time needs an offset: {value!r}")
-        ts = parsed.timestamp()
+            raise EventError(f"at: {exc}") from exc
     else:
         raise EventError(f"at: not a time: {value!r}")
     if not math.isfinite(ts):
@@ -389,23 +381,6 @@ def _reason(exc: object) -> str:
     return text[:200]
 
 
-def retry_after_s(value: str | None, now: float) -> float | None:
-    """``Retry-After`` as seconds from ``now``: delta-seconds or an HTTP date; ``None`` if absent
-    or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, when.timestamp() - now)
-
-
 # --------------------------------------------------------------------------- sender
 
 
@@ -489,7 +464,7 @@ class WebhookSender:
             self._connect: Connect = db
         else:
             path = str(db)
-            self._connect = lambda: _open(path)
+            self._connect = lambda: store_db.connect(path)
         self._on_outcome = on_outcome
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -569,7 +544,7 @@ class WebhookSender:
             True,
         ))
         for what, cond, params, removed in targets:
-            with _write(conn):
+            with store_db.transaction(conn):
                 rows = conn.execute(
                     f"SELECT event_id, webhook, attempts, last_error FROM webhook_deliveries "
                     f"WHERE state = 'pending' AND {cond} ORDER BY created_at",
@@ -654,7 +629,7 @@ class WebhookSender:
             return False
         status = resp.status
         if 200 <= status < 300:
-            with _write(conn):
+            with store_db.transaction(conn):
                 conn.execute(
                     "UPDATE webhook_deliveries SET state = 'delivered', attempts = ?, "
                     "next_at = ?, last_error = '' WHERE event_id = ? AND webhook = ?",
@@ -671,11 +646,12 @@ class WebhookSender:
         if status >= 500 or status in (408, 429):
             delay = self._backoff(attempts)
             if status in (429, 503):
-                hint = retry_after_s(resp.headers.get("retry-after"), now)
+                hint = retry_after_s(resp.headers.get("retry-after"), now,
+                                     self.retry_after_cap_s)
                 if hint is None and hook.format == "telegram":
                     hint = _telegram_retry_after(resp.body)
                 if hint is not None:
-                    delay = min(max(hint, 1.0), self.retry_after_cap_s)
+                    delay = hint
             self._postpone(conn=conn, key=key, event_id=due.event_id, attempts=attempts,
                            delay_s=delay, now=now, error=error)
             stats.failed += 1
@@ -683,9 +659,9 @@ class WebhookSender:
             log.warning("webhook %s: event %s not delivered (attempt %d): %s; retry in %.0f s",
                         describe(hook), due.event_id, attempts, error, delay)
             return False
-        delay = _jitter(self.rejected_base_s * 2 ** min(attempts - 1, 30), self.rejected_cap_s,
-                        self._random())
-        with _write(conn):
+        delay = Backoff(self.rejected_base_s, self.rejected_cap_s).delay(attempts,
+                                                                          self._random())
+        with store_db.transaction(conn):
             conn.execute(
                 "UPDATE webhook_deliveries SET attempts = ?, next_at = ?, last_error = ? "
                 "WHERE event_id = ? AND webhook = ? AND state = 'pending'",
@@ -698,8 +674,7 @@ class WebhookSender:
         return False
 
     def _backoff(self, attempts: int) -> float:
-        return _jitter(self.backoff_base_s * 2 ** min(attempts - 1, 30), self.backoff_cap_s,
-                       self._random())
+        return Backoff(self.backoff_base_s, self.backoff_cap_s).delay(attempts, self._random())
 
     def _postpone(
         self,
@@ -714,7 +689,7 @@ class WebhookSender:
     ) -> None:
         """Record a failed attempt and hold the webhook's whole queue until ``now + delay_s``."""
         retry_at = now + delay_s
-        with _write(conn):
+        with store_db.transaction(conn):
             conn.execute(
                 "UPDATE webhook_deliveries SET attempts = ?, next_at = ?, last_error = ? "
                 "WHERE event_id = ? AND webhook = ? AND state = 'pending'",
@@ -735,12 +710,6 @@ class WebhookSender:
 def _hold_key(key: str) -> str:
     """``kv`` key of the time until which webhook ``key`` is not called (it failed)."""
     return f"webhooks.hold.{key}"
-
-
-def _jitter(delay_s: float, cap_s: float, rnd: float) -> float:
-    """Equal jitter: half the (capped) delay fixed, half random, so retries spread out."""
-    delay_s = min(delay_s, cap_s)
-    return delay_s / 2 + rnd * delay_s / 2
 
 
 def _scrub(text: str, url: str) -> str:
@@ -765,21 +734,3 @@ def _expired_reason(last_error: str, removed: bool) -> str:
     return f"{why}; last error: {last_error}"[:500] if last_error else why
 
 
-def _open(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
-
-@contextlib.contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    """One short write transaction (also right for connections in autocommit mode)."""
-    if conn.in_transaction:
-        raise WebhookError("the sender's connection must not be inside a transaction")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()

@@ -56,13 +56,15 @@ from monitor.config import (
     SiteConfig,
     StaleDataRule,
 )
+from monitor.core.periods import Period, month, parse_month
+from monitor.core.timefmt import local_iso, parse_rfc3339, rfc3339_or_none
 from monitor.rules.evaluate import AnyRule, ban_spans, in_effect, matches_site
-from monitor.store.ledger import Store, StoreError, to_kwh
+from monitor.store.db import StoreError, snapshot
+from monitor.store.ledger import Store, to_kwh
 
 FORMATS = ("json", "csv", "html")
 FORMAT_VERSION = 1
 BUCKET_S = 900  # the ledger's resolution (monitor.core.accounting.BUCKET_S)
-PERIOD_RE = re.compile(r"^(\d{4})-(\d{2})$")
 STATES = ("ok", "warning", "breach")
 ALERT_KINDS = ("alert.firing", "alert.resolved")
 _RANK = {s: i for i, s in enumerate(STATES)}
@@ -76,70 +78,7 @@ HTML_MAX_METER_COLUMNS = 16
 # --------------------------------------------------------------------------- period
 
 
-@dataclass(frozen=True, slots=True)
-class PeriodBounds:
-    """One calendar month in a time zone: ``[start_ts, end_ts)`` and its local days."""
-
-    label: str
-    tz: ZoneInfo
-    first_day: dt.date
-    last_day: dt.date
-    start_ts: float
-    end_ts: float
-
-    @property
-    def seconds(self) -> float:
-        return self.end_ts - self.start_ts
-
-    @property
-    def days(self) -> list[dt.date]:
-        n = (self.last_day - self.first_day).days + 1
-        return [self.first_day + dt.timedelta(days=i) for i in range(n)]
-
-
-def parse_period(period: str) -> tuple[int, int]:
-    """``"2026-11"`` -> ``(2026, 11)``.  Raises :class:`ValueError` with a clear message."""
-    m = PERIOD_RE.match(period.strip()) if isinstance(period, str) else None
-    if m is None:
-        raise ValueError(f"period must be a calendar month written YYYY-MM (e.g. 2026-11), "
-                         f"not {period!r}")
-    year, month = int(m.group(1)), int(m.group(2))
-    if not 1 <= month <= 12:
-        raise ValueError(f"period {period!r} is not a calendar month YYYY-MM: "
-                         "the month must be 01 to 12")
-    if not 1970 <= year <= 9998:
-        raise ValueError(f"period {period!r} is not a calendar month YYYY-MM: "
-                         "the year must be 1970 to 9998")
-    return year, month
-
-
-def period_bounds(period: str, tz: ZoneInfo) -> PeriodBounds:
-    """The month ``period`` (YYYY-MM) in zone ``tz``.  Raises :class:`ValueError`."""
-    year, month = parse_period(period)
-    first = dt.date(year, month, 1)
-    nxt = dt.date(year + (month == 12), month % 12 + 1, 1)
-    # A local midnight that does not exist (a DST jump at 00:00) resolves with
-    # fold=0 to the transition instant itself, which is where the day begins.
-    start = dt.datetime(first.year, first.month, 1, tzinfo=tz).timestamp()
-    end = dt.datetime(nxt.year, nxt.month, 1, tzinfo=tz).timestamp()
-    return PeriodBounds(f"{year:04d}-{month:02d}", tz, first, nxt - dt.timedelta(days=1),
-                        start, end)
-
-
 # --------------------------------------------------------------------------- small helpers
-
-
-def _utc(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
-
-
-def _local(ts: float | None, tz: ZoneInfo) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, tz).isoformat(timespec="seconds")
 
 
 def _kwh(x: float) -> float:
@@ -183,7 +122,7 @@ def _event_item(row: Sequence[Any], body: Mapping[str, Any]) -> dict[str, Any]:
     """An event of the report from ``(event_id, kind, severity, rule, scope, at, body)``."""
     event_id, kind, severity, rule, scope, at, _ = row
     return {"event_id": event_id, "kind": kind, "severity": severity, "rule": rule,
-            "scope": scope, "at": _utc(at), "period": str(body.get("period") or ""),
+            "scope": scope, "at": rfc3339_or_none(at), "period": str(body.get("period") or ""),
             "message": str(body.get("message", "")), "value": _num(body.get("value")),
             "limit": _num(body.get("limit")), "unit": body.get("unit")}
 
@@ -215,7 +154,7 @@ class _Meter:
     last_seen: float | None
 
 
-def _meters(store: Store, config: Config, pb: PeriodBounds,
+def _meters(store: Store, config: Config, pb: Period,
             with_data: set[str]) -> dict[str, _Meter]:
     """Meters the report covers: every configured meter, and every stored meter that
     existed before the month ended or has data in it."""
@@ -250,7 +189,7 @@ def _scope_meters(scope: str, meters: Mapping[str, _Meter]) -> list[str]:
 # --------------------------------------------------------------------------- rules
 
 
-def _in_force(rule: AnyRule, site: SiteConfig, pb: PeriodBounds) -> str:
+def _in_force(rule: AnyRule, site: SiteConfig, pb: Period) -> str:
     """Why ``rule`` does not govern this site in this month ('' when it does).
 
     The decision is :func:`monitor.rules.evaluate.matches_site` and
@@ -271,17 +210,17 @@ def _in_force(rule: AnyRule, site: SiteConfig, pb: PeriodBounds) -> str:
     return ""
 
 
-def _banned_days(rule: BanWindowRule, pb: PeriodBounds) -> list[str]:
+def _banned_days(rule: BanWindowRule, pb: Period) -> list[str]:
     spans = ban_spans(rule, pb.first_day)
     return [d.isoformat() for d in pb.days if any(s.first <= d <= s.last for s in spans)]
 
 
-def _label_in_month(label: str, pb: PeriodBounds) -> bool:
+def _label_in_month(label: str, pb: Period) -> bool:
     """A verdict period label (``2026-10``, ``2026-10-31``) that lies in this month."""
     return label == pb.label or label.startswith(pb.label + "-")
 
 
-def _label_other_month(label: str, pb: PeriodBounds) -> bool:
+def _label_other_month(label: str, pb: Period) -> bool:
     """A month or day label of another month: e.g. the previous month's closing
     ``alert.resolved``, written at the first check of this month."""
     return bool(re.fullmatch(r"\d{4}-\d{2}(-\d{2})?", label)) and not _label_in_month(label, pb)
@@ -348,7 +287,7 @@ class _Context:
     """What every rule entry is measured against."""
 
     config: Config
-    pb: PeriodBounds
+    pb: Period
     store: Store
     meters: Mapping[str, _Meter]
     energy: _Energy
@@ -417,7 +356,7 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
                      used_share=_share(peak_kw, rule.limit_kw))
         entry["measured"] = {"basis": "largest 15-minute average from the ledger "
                                       f"(the rule averages over {rule.window_s:g} s)",
-                             "peak_kw": peak_kw, "peak_at": _utc(peak_at)}
+                             "peak_kw": peak_kw, "peak_at": rfc3339_or_none(peak_at)}
     elif isinstance(rule, BanWindowRule):
         exempt = rule.exempt_off_grid and config.site.off_grid
         banned = _banned_days(rule, pb)
@@ -459,7 +398,7 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
 
 
 def _year_to_date(store: Store, meter_ids: Sequence[str] | None,
-                  pb: PeriodBounds) -> tuple[float, float]:
+                  pb: Period) -> tuple[float, float]:
     """(kWh, kWh + gap bound) from 1 January to the month's last day; ``None``: every
     meter (the site, including meters that reported only earlier in the year)."""
     if meter_ids is not None and not meter_ids:
@@ -475,7 +414,7 @@ def _year_to_date(store: Store, meter_ids: Sequence[str] | None,
 
 
 def _peak_15min(store: Store, meter_ids: Sequence[str],
-                pb: PeriodBounds) -> tuple[float, float | None]:
+                pb: Period) -> tuple[float, float | None]:
     """Largest 15-minute average power (kW) of these meters in the month, and its start."""
     if not meter_ids:
         return 0.0, None
@@ -493,7 +432,7 @@ def _peak_15min(store: Store, meter_ids: Sequence[str],
 # --------------------------------------------------------------------------- audit
 
 
-def _audit(store: Store, pb: PeriodBounds) -> dict[str, Any]:
+def _audit(store: Store, pb: Period) -> dict[str, Any]:
     conn = store.conn
     entries, in_period = conn.execute(
         "SELECT count(*), coalesce(sum(at >= ? AND at < ?), 0) FROM audit",
@@ -510,7 +449,7 @@ def _audit(store: Store, pb: PeriodBounds) -> dict[str, Any]:
         "reason": "audit verification is not available in this build",
     }
     try:
-        verify = importlib.import_module("monitor.act.audit").verify
+        verify = importlib.import_module("monitor.store.audit").verify
     except (ImportError, AttributeError):
         return out
     try:
@@ -538,21 +477,17 @@ def build_report(store: Store, config: Config, period: str, now: float) -> dict[
     one), so a report made while the daemon writes is one consistent snapshot
     of the store: its totals, days and events agree with each other.
     """
-    period_bounds(period, config.site.tz)  # validate before touching the store
-    conn = store.conn
-    if conn.in_transaction:
+    month(period, config.site.tz)  # validate before touching the store
+    if store.conn.in_transaction:
         return _build(store, config, period, now)
-    conn.execute("BEGIN")
-    try:
+    with snapshot(store.conn):
         return _build(store, config, period, now)
-    finally:
-        conn.execute("ROLLBACK")  # nothing was written; ends the read snapshot
 
 
 def _build(store: Store, config: Config, period: str, now: float) -> dict[str, Any]:
     site = config.site
     tz = site.tz
-    pb = period_bounds(period, tz)
+    pb = month(period, tz)
     conn = store.conn
     days = [d.isoformat() for d in pb.days]
     energy = _Energy(conn.execute(
@@ -576,7 +511,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         if upper is None:
             unbounded[meter] = unbounded.get(meter, 0) + 1
         gaps.append({
-            "id": gid, "meter": meter, "start": _utc(g0), "end": _utc(g1),
+            "id": gid, "meter": meter, "start": rfc3339_or_none(g0), "end": rfc3339_or_none(g1),
             "seconds_in_period": round(inside, 3),
             "upper_kwh_in_period": None if upper is None else _kwh(
                 upper * (inside / span if span > 0 else 1.0)),
@@ -591,7 +526,8 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         per = anomaly_counts.setdefault(meter, {})
         per[kind] = per.get(kind, 0) + 1
         if kind not in UNLISTED_ANOMALIES:
-            anomaly_items.append({"id": aid, "meter": meter, "at": _utc(ts), "kind": kind,
+            anomaly_items.append({"id": aid, "meter": meter, "at": rfc3339_or_none(ts),
+                                  "kind": kind,
                                   "value": value, "detail": detail})
     anomaly_totals: dict[str, int] = {}
     for per in anomaly_counts.values():
@@ -618,8 +554,8 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "group": m.group,
             "rated_kw": m.rated_kw,
             "configured": m.configured,
-            "first_seen": _utc(m.first_seen),
-            "last_seen": _utc(m.last_seen),
+            "first_seen": rfc3339_or_none(m.first_seen),
+            "last_seen": rfc3339_or_none(m.last_seen),
             "accounted_kwh": _kwh(kwh),
             "gap_upper_kwh": _kwh(gap_kwh),
             "conservative_kwh": _kwh(kwh + gap_kwh),
@@ -698,7 +634,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
     ):
         sd = _json_obj(data)
         state_now[(rule, scope)] = {
-            "scope": scope, "state": state, "level": level, "since": _utc(since),
+            "scope": scope, "state": state, "level": level, "since": rfc3339_or_none(since),
             "period": period_label, "value": _num(sd.get("value")),
             "limit": _num(sd.get("limit")), "unit": sd.get("unit")}
 
@@ -719,8 +655,8 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         orders.append({
             "order_id": row[0], "action": row[1], "scope": row[2], "rule": row[3],
             "meters": order_meters if isinstance(order_meters, list) else [order_meters],
-            "target_kw": row[5], "reason": row[6], "issued_at": _utc(row[7]),
-            "outcome": row[8], "resends": row[9], "updated_at": _utc(row[10]),
+            "target_kw": row[5], "reason": row[6], "issued_at": rfc3339_or_none(row[7]),
+            "outcome": row[8], "resends": row[9], "updated_at": rfc3339_or_none(row[10]),
             "actor": row[11], "dry_run": bool(row[12]),
         })
         order_counts[row[8]] = order_counts.get(row[8], 0) + 1
@@ -736,7 +672,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         "report": "energy-monitor compliance report",
         "format_version": FORMAT_VERSION,
         "software": {"name": "energy-monitor", "version": __version__},
-        "generated_at": _utc(now),
+        "generated_at": rfc3339_or_none(now),
         "config_sha256": config.digest,
         "site": {
             "id": site.id, "name": site.name, "region": site.region,
@@ -749,14 +685,14 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "first_day": days[0],
             "last_day": days[-1],
             "days": len(days),
-            "start_local": _local(pb.start_ts, tz),
-            "end_local": _local(pb.end_ts, tz),
-            "start_utc": _utc(pb.start_ts),
-            "end_utc": _utc(pb.end_ts),
+            "start_local": local_iso(pb.start_ts, tz),
+            "end_local": local_iso(pb.end_ts, tz),
+            "start_utc": rfc3339_or_none(pb.start_ts),
+            "end_utc": rfc3339_or_none(pb.end_ts),
             "seconds": round(pb.seconds, 3),
             "hours": round(pb.seconds / 3600.0, 6),
             "complete": now >= pb.end_ts,
-            "assessed_until_utc": _utc(assess_end),
+            "assessed_until_utc": rfc3339_or_none(assess_end),
             "assessed_s": round(assessed_s, 3),
         },
         "totals": {
@@ -767,7 +703,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "meters": len(ids),
             "completeness": _share(covered_total, assessed_s * len(ids)) if ids else 0.0,
             "peak_15min_kw": peak_kw,
-            "peak_15min_at": _utc(peak_at),
+            "peak_15min_at": rfc3339_or_none(peak_at),
         },
         "meters": meter_rows,
         "groups": group_rows,
@@ -987,7 +923,7 @@ def to_html(report: Mapping[str, Any]) -> str:
         """Times are printed in the site's zone with their offset (the JSON keeps UTC)."""
         if iso_utc is None:
             return "\u2014"
-        t = dt.datetime.fromisoformat(iso_utc.replace("Z", "+00:00")).astimezone(tz)
+        t = dt.datetime.fromtimestamp(parse_rfc3339(iso_utc), tz)
         return html.escape(t.strftime("%Y-%m-%d %H:%M:%S %z"))
 
     p: list[str] = [
@@ -1164,16 +1100,13 @@ def run(config: Config, period: str, fmt: str = "json", out_path: Path | str | N
     cannot be read or the output cannot be written (the reason on ``stderr``).
     The file is replaced atomically: a reader never sees half a report.
     """
-    parse_period(period)
+    parse_month(period)
     if fmt not in RENDERERS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     out, err = stdout or sys.stdout, stderr or sys.stderr
     db = Path(config.storage.path)
-    if not db.exists():
-        print(f"no store at {db}: has the daemon run yet?", file=err)
-        return 1
     try:
-        store = Store(db)
+        store = Store(db, readonly=True)
     except StoreError as exc:
         print(f"cannot open the store: {exc}", file=err)
         return 1

@@ -16,7 +16,6 @@ crossed; jumping past several fires once, at the highest) -> ``breach``
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 import sqlite3
@@ -25,7 +24,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from monitor.config import Action, PowerCapRule, StaleDataRule
-from monitor.rules.evaluate import AnyRule, State, Verdict, human_duration
+from monitor.core.timefmt import rfc3339
+from monitor.core.verdict import State, Verdict
+from monitor.rules.evaluate import AnyRule, human_duration
 
 EventKind = Literal["alert.firing", "alert.resolved", "meter.stale", "meter.recovered"]
 Severity = Literal["info", "warning", "critical"]
@@ -86,7 +87,6 @@ class EventDraft:
 
     def body(self, *, site: str, event_id: str) -> dict[str, Any]:
         """The SPEC webhook event body (``at`` as RFC 3339 UTC)."""
-        at = dt.datetime.fromtimestamp(self.at, dt.UTC).isoformat(timespec="seconds")
         return {
             "event_id": event_id,
             "kind": self.kind,
@@ -100,7 +100,7 @@ class EventDraft:
             "unit": self.unit,
             "period": self.period,
             "projected": self.projected,
-            "at": at.replace("+00:00", "Z"),
+            "at": rfc3339(self.at),
         }
 
 

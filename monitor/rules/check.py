@@ -17,14 +17,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from monitor.act import audit
-from monitor.act.events import emit
 from monitor.config import Config
+from monitor.core.periods import period_bounds
+from monitor.core.signal import Signal
+from monitor.core.verdict import Verdict
 from monitor.metrics import Metrics
-from monitor.outputs.exporter import rule_line
+from monitor.outputs import exporter
+from monitor.outputs.events import emit
+from monitor.outputs.lineproto import rule_line
 from monitor.rules import alerts
 from monitor.rules import evaluate as rules
 from monitor.rules.alerts import AlertState, AlertStore
+from monitor.store import audit
 from monitor.store.ledger import Store
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,7 @@ MAX_UNKNOWN_EVENTS = 20  # meter.unknown events per check
 class OrderSink(Protocol):
     """What the check needs from the actions layer (:class:`monitor.act.orders.Actions`)."""
 
-    def apply(self, conn: sqlite3.Connection, verdict: rules.Verdict, actions: Iterable[str],
+    def apply(self, conn: sqlite3.Connection, verdict: Verdict, actions: Iterable[str],
               breach_cleared: bool, now: float) -> Sequence[object]: ...
 
     def publish_pending(self, conn: sqlite3.Connection, now: float | None = None) -> int: ...
@@ -44,7 +48,7 @@ class OrderSink(Protocol):
 
 @dataclass
 class CheckResult:
-    verdicts: list[rules.Verdict] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
     events: int = 0
     orders: int = 0
 
@@ -79,7 +83,7 @@ def build_snapshot(store: Store, config: Config, now: float,
     period_kwh: dict[str, dict[str, float]] = {}
     period_gap: dict[str, dict[str, float]] = {}
     for period in rules.periods_needed(config.rules):
-        start, _end, _label = rules.period_bounds(period, now, tz)
+        start, _end, _label = period_bounds(period, now, tz)
         first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
         today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
         if period == "calendar_day":
@@ -91,7 +95,7 @@ def build_snapshot(store: Store, config: Config, now: float,
     windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported)
                for w in rules.windows_needed(config.rules)}
     signals = {
-        topic: rules.Signal(target_kw=kw if kw is not None else 0.0,
+        topic: Signal(target_kw=kw if kw is not None else 0.0,
                             until=until if until is not None else 0.0, received_at=at)
         for topic, kw, until, at in store.conn.execute(
             "SELECT topic, target_kw, until, received_at FROM signals")
@@ -153,9 +157,9 @@ class Checker:
                     states.save(new)
                 if prev is None or new.state != prev.state:
                     audit.append(conn, "rule.transition", _transition(v, prev, new), now)
-                conn.execute("INSERT INTO export_outbox (line) VALUES (?)", (rule_line(
+                exporter.enqueue(conn, [rule_line(
                     site, v.rule, v.scope, v.value, v.limit, v.ratio, v.projected,
-                    STATE_INT[v.state], now),))
+                    STATE_INT[v.state], now)])
                 for d in drafts:
                     emit(conn, self.config, d.body(site=site, event_id=str(uuid.uuid4())), now,
                          deliver="alert" in d.actions)
@@ -207,7 +211,7 @@ class Checker:
                          " VALUES (?, 'meter.unknown', ?)", [(r[0], now) for r in shown])
         return len(shown)
 
-    def _act(self, conn: sqlite3.Connection, v: rules.Verdict,
+    def _act(self, conn: sqlite3.Connection, v: Verdict,
              drafts: Sequence[alerts.EventDraft], now: float) -> int:
         if self.actions is None or not drafts:
             return 0
@@ -218,7 +222,7 @@ class Checker:
         return len(self.actions.apply(conn, v, wanted, cleared, now))
 
 
-    def _enforce_standing_breach(self, conn: sqlite3.Connection, v: rules.Verdict,
+    def _enforce_standing_breach(self, conn: sqlite3.Connection, v: Verdict,
                                  prev: AlertState, now: float) -> int:
         """At the first check after a start in live mode: a breach that began earlier
         (in dry run, or before a crash) and was never acted on live gets its
@@ -243,7 +247,7 @@ class Checker:
         return len(self.actions.apply(conn, v, wanted, False, now))
 
 
-def _transition(v: rules.Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
+def _transition(v: Verdict, prev: AlertState | None, new: AlertState) -> dict[str, Any]:
     return {"rule": v.rule, "scope": v.scope, "from": prev.state if prev else None,
             "to": new.state, "value": v.value, "limit": v.limit, "unit": v.unit,
             "period": v.period, "message": v.message}

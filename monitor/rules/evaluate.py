@@ -25,12 +25,11 @@ days of 23 or 25 hours are handled.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from monitor.config import (
@@ -43,11 +42,14 @@ from monitor.config import (
     StaleDataRule,
 )
 from monitor.core.accounting import MWH_PER_KWH
+from monitor.core.periods import DAY, local_midnight, period_bounds
+from monitor.core.signal import Signal
+from monitor.core.timefmt import local_iso, rfc3339
+from monitor.core.verdict import State, Verdict
 
 AnyRule = (
     EnergyCapRule | PowerCapRule | BanWindowRule | StaleDataRule | CurtailmentRule | ReconcileRule
 )
-State = Literal["ok", "warning", "breach"]
 
 #: the run-rate window for energy-cap projections (the snapshot must hold it)
 RUN_RATE_WINDOW_S = 3600.0
@@ -56,7 +58,6 @@ RECONCILE_MIN_MAIN_KW = 0.5
 #: how many meter names a message lists before it says "+N more"
 MAX_LISTED = 10
 
-_DAY = dt.timedelta(days=1)
 _PERIOD_WORD = {"calendar_day": "daily", "calendar_month": "monthly", "calendar_year": "yearly"}
 
 
@@ -65,18 +66,6 @@ class SnapshotError(ValueError):
 
 
 # --------------------------------------------------------------------------- values in
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """The latest curtailment request received on a topic."""
-
-    target_kw: float
-    until: float  # Unix seconds; the request is active while until > now
-    received_at: float
-
-    def active(self, now: float) -> bool:
-        return self.until > now
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,36 +213,6 @@ class ScopeIndex:
 # --------------------------------------------------------------------------- values out
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What one rule says about one scope at ``Snapshot.now``.
-
-    ``level`` is the highest ``warn_at`` fraction crossed (1.0 in breach, 0 when
-    ok, and 0 for a warning of a kind without ``warn_at``).  ``ratio`` is
-    value / limit where that means something.  ``target_kw`` is the power a
-    ``limit`` action should order the scope down to.  ``period`` labels the
-    period the value belongs to (energy caps: "2026-11"; ban windows: the window
-    "2025-11-15..2026-03-15"; otherwise "").
-    """
-
-    rule: str
-    kind: str
-    scope: str
-    state: State
-    message: str
-    meters: tuple[str, ...]
-    level: float = 0.0
-    value: float | None = None
-    limit: float | None = None
-    unit: str = ""
-    ratio: float | None = None
-    projected: float | None = None
-    seconds_to_limit: float | None = None
-    period: str = ""
-    target_kw: float | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------- filters, periods
 
 
@@ -300,37 +259,6 @@ def applies(rule: AnyRule, site: SiteConfig, day: dt.date) -> bool:
     return matches_site(rule, site) and in_effect(rule, day)
 
 
-def _zone(tz: str | dt.tzinfo) -> dt.tzinfo:
-    return ZoneInfo(tz) if isinstance(tz, str) else tz
-
-
-def local_midnight(day: dt.date, tz: str | dt.tzinfo) -> float:
-    """The instant the site-local ``day`` begins (DST-correct; a skipped midnight
-    resolves to the transition instant, a repeated one to its first occurrence)."""
-    return dt.datetime(day.year, day.month, day.day, tzinfo=_zone(tz)).timestamp()
-
-
-def period_bounds(period: str, now: float, tz: str | dt.tzinfo) -> tuple[float, float, str]:
-    """``(start_ts, end_ts, label)`` of the calendar period containing ``now`` in ``tz``.
-
-    Labels: ``"2026-11-27"`` (calendar_day), ``"2026-11"`` (calendar_month),
-    ``"2026"`` (calendar_year).  ``end_ts`` is the next period's start.
-    """
-    zone = _zone(tz)
-    d = dt.datetime.fromtimestamp(now, zone).date()
-    if period == "calendar_day":
-        start, end, label = d, d + _DAY, d.isoformat()
-    elif period == "calendar_month":
-        start = d.replace(day=1)
-        end = dt.date(d.year + (d.month == 12), d.month % 12 + 1, 1)
-        label = f"{d.year:04d}-{d.month:02d}"
-    elif period == "calendar_year":
-        start, end, label = dt.date(d.year, 1, 1), dt.date(d.year + 1, 1, 1), f"{d.year:04d}"
-    else:
-        raise ValueError(f"unknown period {period!r}")
-    return local_midnight(start, zone), local_midnight(end, zone), label
-
-
 def windows_needed(rules: Iterable[AnyRule]) -> set[float]:
     """The ``window_s`` keys the snapshot's ``window_kwh`` must hold for these rules."""
     out: set[float] = set()
@@ -348,16 +276,6 @@ def periods_needed(rules: Iterable[AnyRule]) -> set[str]:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _iso_local(ts: float, zone: dt.tzinfo) -> str:
-    return dt.datetime.fromtimestamp(ts, zone).isoformat(timespec="minutes")
-
-
-def _iso_utc(ts: float) -> str:
-    return (
-        dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    )
 
 
 def human_duration(seconds: float) -> str:
@@ -567,7 +485,7 @@ def ban_spans(rule: BanWindowRule, around: dt.date) -> list[BanSpan]:
     clipped.sort(key=lambda s: (s.first, s.last))
     merged: list[BanSpan] = []
     for s in clipped:
-        if merged and s.first <= merged[-1].last + _DAY:
+        if merged and s.first <= merged[-1].last + DAY:
             prev = merged[-1]
             sources = prev.source if s.source in prev.source.split(" + ") else (
                 f"{prev.source} + {s.source}"
@@ -592,11 +510,12 @@ def _ban_window(rule: BanWindowRule, snap: Snapshot) -> Verdict:
     target: float | None = None
     detail: dict[str, Any] = {}
     if active is not None:
-        ends_at = local_midnight(active.last + _DAY, zone)
+        ends_at = local_midnight(active.last + DAY, zone)
         state, limit, target, span = "breach", 0.0, 0.0, active
         message = (
             f"mining is banned here ({active.source}) until {active.last.isoformat()} "
-            f"inclusive (ends {_iso_local(ends_at, zone)} {tz}, in {human_duration(ends_at - now)})"
+            f"inclusive (ends {local_iso(ends_at, zone, 'minutes')} {tz}, "
+            f"in {human_duration(ends_at - now)})"
         )
         detail = {"ends_at": ends_at}
     elif upcoming is not None and (
@@ -605,7 +524,7 @@ def _ban_window(rule: BanWindowRule, snap: Snapshot) -> Verdict:
         starts_at = local_midnight(upcoming.first, zone)
         state, span, to_limit = "warning", upcoming, starts_at - now
         message = (
-            f"mining ban ({upcoming.source}) starts {_iso_local(starts_at, zone)} {tz}, "
+            f"mining ban ({upcoming.source}) starts {local_iso(starts_at, zone, 'minutes')} {tz}, "
             f"in {human_duration(starts_at - now)}, and lasts until "
             f"{upcoming.last.isoformat()} inclusive"
         )
@@ -715,11 +634,11 @@ def _curtailment(rule: CurtailmentRule, snap: Snapshot) -> Verdict:
         state, limit = "breach", sig.target_kw
         message = (
             f"curtailment requested on {rule.topic}: at most {_lim(sig.target_kw)} kW until "
-            f"{_iso_utc(sig.until)} (in {human_duration(sig.until - snap.now)})"
+            f"{rfc3339(sig.until)} (in {human_duration(sig.until - snap.now)})"
         )
     elif sig is not None:
         message = (
-            f"no active curtailment on {rule.topic} (last request ended {_iso_utc(sig.until)})"
+            f"no active curtailment on {rule.topic} (last request ended {rfc3339(sig.until)})"
         )
     else:
         message = f"no curtailment request received on {rule.topic}"
@@ -845,59 +764,3 @@ def evaluate_all(rules: Sequence[AnyRule], snap: Snapshot) -> list[Verdict]:
         else:
             out.append(_not_in_effect(r, snap))
     return out
-
-
-# --------------------------------------------------------------------------- signals
-
-
-def _parse_until(raw: object) -> float:
-    if isinstance(raw, bool):
-        raise ValueError("curtailment signal: 'until' must be an RFC 3339 time, not a boolean")
-    if isinstance(raw, int | float):
-        if not math.isfinite(raw):
-            raise ValueError("curtailment signal: 'until' is not a finite number")
-        return float(raw)
-    if not isinstance(raw, str):
-        raise ValueError(
-            "curtailment signal: 'until' must be an RFC 3339 time such as "
-            '"2026-11-27T18:00:00Z"'
-        )
-    try:
-        when = dt.datetime.fromisoformat(raw.strip().upper())
-    except ValueError as exc:
-        raise ValueError(
-            f"curtailment signal: 'until' {raw!r} is not an RFC 3339 time "
-            '(e.g. "2026-11-27T18:00:00Z")'
-        ) from exc
-    if when.tzinfo is None:
-        raise ValueError(
-            f"curtailment signal: 'until' {raw!r} lacks a UTC offset (add Z or +03:00)"
-        )
-    return when.timestamp()
-
-
-def parse_signal(payload: bytes, received_at: float) -> Signal:
-    """Read a curtailment request ``{"target_kw": 0, "until": "2026-11-27T18:00:00Z"}``.
-
-    ``until`` may also be Unix seconds.  Other keys are ignored.  Raises
-    :class:`ValueError` with a message fit for the dead-letter table.
-    """
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"curtailment signal is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(
-            'curtailment signal must be a JSON object like {"target_kw": 0, "until": "..."}'
-        )
-    if "target_kw" not in data:
-        raise ValueError("curtailment signal lacks 'target_kw'")
-    if "until" not in data:
-        raise ValueError("curtailment signal lacks 'until'")
-    target = data["target_kw"]
-    if isinstance(target, bool) or not isinstance(target, int | float):
-        raise ValueError(f"curtailment signal: 'target_kw' must be a number, got {target!r}")
-    if not math.isfinite(target) or target < 0:
-        raise ValueError(f"curtailment signal: 'target_kw' must be >= 0, got {target!r}")
-    return Signal(target_kw=float(target), until=_parse_until(data["until"]),
-                  received_at=received_at)

@@ -1,4 +1,4 @@
-"""The local store: SQLite in WAL mode, the daemon's source of truth.
+"""The ledger store: SQLite in WAL mode, the daemon's source of truth.
 
 Each thread opens its own :class:`Store` (SQLite connections are not shared
 across threads); WAL lets readers (``status``, HTTP, rule checks) run while the
@@ -18,55 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.core.accounting import MWH_PER_KWH
-from monitor.store.schema import MIGRATIONS
+from monitor.store import db
+from monitor.store.db import StoreError, migrate
 
 # MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
 # once, so no older one can be re-delivered
 FINGERPRINTS_KEPT = 65_536
-
-
-class StoreError(Exception):
-    """The database cannot be opened, migrated or written."""
-
-
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations; returns the schema version now in force."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations"
-        " (version INTEGER PRIMARY KEY, applied_at REAL)"
-    )
-    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
-    version = max(done, default=0)
-    for number, sql in sorted(MIGRATIONS):
-        if number in done:
-            continue
-        # executescript commits first; wrap the script so it applies whole or not at all
-        conn.executescript(
-            f"BEGIN IMMEDIATE;\n{sql}\n"
-            f"INSERT INTO schema_migrations VALUES ({int(number)}, {time.time()!r});\nCOMMIT;"
-        )
-        version = number
-    return version
-
-
-def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with the pragmas every user of the store needs."""
-    try:
-        if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
-                                   isolation_level=None, check_same_thread=False)
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed (and therefore acknowledged) reading survives power loss
-            conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA foreign_keys=ON")
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open {path}: {exc}") from exc
-    return conn
 
 
 @dataclass
@@ -145,28 +102,27 @@ def _add_rollup(c: sqlite3.Connection, table: str, period_col: str,
 class Store:
     """One connection to the store.  Not thread-safe: one instance per thread."""
 
-    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path | str, *, readonly: bool = False,
+                 migrate_schema: bool = True) -> None:
+        """``readonly``: a reader's connection (never migrates, refuses a schema this
+        code does not know).  Otherwise read-write, migrating unless told not to
+        (the daemon migrates once at start; its other threads' stores do not)."""
         self.path = Path(path)
-        self.conn = connect(path, readonly=readonly)
-        if not readonly:
-            try:
+        if readonly:
+            self.conn = db.connect_readonly(path)
+        else:
+            self.conn = db.connect(path)
+            if migrate_schema:
                 migrate(self.conn)
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot migrate {path}: {exc}") from exc
 
     def close(self) -> None:
         self.conn.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT``; rolled back on any exception."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        """:func:`monitor.store.db.transaction` on this store's connection."""
+        with db.transaction(self.conn) as c:
+            yield c
 
     # ------------------------------------------------------------------ intake
 

@@ -1,4 +1,4 @@
-"""Numbered SQLite migrations.  Applied in order by :func:`monitor.store.ledger.migrate`, each
+"""Numbered SQLite migrations.  Applied in order by :func:`monitor.store.db.migrate`, each
 recorded in ``schema_migrations``; never edit a released migration, append a new one.
 
 Times are Unix seconds (REAL, UTC).  Power is W.  Energy at rest in the ledger and

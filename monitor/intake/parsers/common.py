@@ -7,12 +7,12 @@ raises :class:`monitor.core.model.ParseError` with one of the tokens in
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from collections.abc import Iterable, Mapping
 
 from monitor.core.model import Availability, ParseError, ParseResult, Reading, TsSource
+from monitor.core.timefmt import parse_rfc3339
 
 #: Every ``ParseError.reason`` a parser raises, with what it means (for docs and metrics).
 #: A bad value inside a message that still yields other values is not an error: it is
@@ -293,12 +293,9 @@ def aux(value: object) -> float | None:
 def rfc3339(text: str) -> float | None:
     """Unix seconds of an ISO 8601 / RFC 3339 time *with* an offset, else None."""
     try:
-        when = dt.datetime.fromisoformat(text)
+        return parse_rfc3339(text)
     except ValueError:
         return None
-    if when.tzinfo is None:
-        return None
-    return when.timestamp()
 
 
 def epoch(value: object) -> float | None:

@@ -30,6 +30,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.store.db import snapshot
+
 GENESIS = "0" * 64
 ANCHOR_KEY = "audit.head"
 HEAD_MISMATCH = "audit.head_mismatch"
@@ -281,11 +283,8 @@ def verify(conn: sqlite3.Connection, expected: Head | None = None) -> VerifyResu
     consistent log look broken."""
     if conn.in_transaction:
         return _verify(conn, expected)
-    conn.execute("BEGIN")  # deferred: a WAL snapshot from the first read on
-    try:
+    with snapshot(conn):  # deferred: a WAL snapshot from the first read on
         return _verify(conn, expected)
-    finally:
-        conn.execute("COMMIT")
 
 
 def _verify(conn: sqlite3.Connection, expected: Head | None = None) -> VerifyResult:

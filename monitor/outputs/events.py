@@ -13,10 +13,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from monitor.act import audit
 from monitor.config import Config
-from monitor.outputs import webhooks
-from monitor.outputs.exporter import event_line
+from monitor.outputs import exporter, webhooks
+from monitor.outputs.lineproto import event_line
+from monitor.store import audit
 
 
 def emit(conn: sqlite3.Connection, config: Config, event: Mapping[str, Any], now: float,
@@ -35,9 +35,7 @@ def emit(conn: sqlite3.Connection, config: Config, event: Mapping[str, Any], now
     audit_body = {k: v for k, v in body.items() if k != "at"}
     at = body["at"] if isinstance(body["at"], int | float) else now
     audit.append(conn, "event", audit_body, float(at))
-    conn.execute(
-        "INSERT INTO export_outbox (line) VALUES (?)",
-        (event_line(config.site.id, str(body.get("kind", "")), str(body.get("rule") or ""),
-                    str(body.get("message", "")), float(at)),),
-    )
+    exporter.enqueue(conn, [event_line(
+        config.site.id, str(body.get("kind", "")), str(body.get("rule") or ""),
+        str(body.get("message", "")), float(at))])
     return event_id
