@@ -157,3 +157,14 @@ def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, line: str) -> 
     finally:
         probe.unlink()
     assert len(found) == 1 and "must not import" in found[0], found
+
+
+def test_the_daemon_never_loads_the_simulator() -> None:
+    """``run`` imports the service and the CLI; neither pulls in ``sim``."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    code = ("import sys, monitor.app.cli, monitor.app.service; "
+            "print(sorted(m for m in sys.modules if m == 'sim' or m.startswith('sim.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -28,7 +28,6 @@ from monitor.report import build as report
 from monitor.store import audit
 from monitor.store.db import StoreError, transaction
 from monitor.store.ledger import Store
-from sim import simulate
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 log = logging.getLogger("monitor")
@@ -162,7 +161,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    return simulate.run(args)
+    return _simulate(args.sim_args)
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    # The simulator is not part of the daemon: imported only when asked for, so
+    # ``run`` never loads it.  Its options are its own parser's.
+    from sim import simulate  # noqa: PLC0415
+
+    sp = argparse.ArgumentParser(prog="energy-monitor simulate",
+                                 description="publish a simulated fleet of meters")
+    simulate.add_arguments(sp)
+    try:
+        sim_args = sp.parse_args(list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return simulate.run(sim_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,13 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(asub.add_parser("verify", help="verify the hash chain; exit 1 if broken"))
     sp.set_defaults(func=cmd_audit)
 
-    sp = sub.add_parser("simulate", help="publish a simulated fleet of meters")
-    simulate.add_arguments(sp)
+    sp = sub.add_parser("simulate", help="publish a simulated fleet of meters "
+                        "(energy-monitor simulate --help for its options)", add_help=False)
+    sp.add_argument("sim_args", nargs=argparse.REMAINDER)
     sp.set_defaults(func=cmd_simulate)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _simulate(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
