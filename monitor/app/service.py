@@ -33,7 +33,7 @@ from monitor.outputs import events, webhooks
 from monitor.outputs.exporter import Backlog, Exporter
 from monitor.outputs.webhooks import WebhookSender
 from monitor.rules.check import Checker
-from monitor.store import audit
+from monitor.store import audit, kv
 from monitor.store.ledger import Store
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ class Service:
         known = json.loads(store.kv_get("mqtt.filters", "[]") or "[]")
         stale = [f for f in known if f not in filters]
         with store.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('mqtt.filters', ?)",
-                      (json.dumps(sorted(set(filters) | set(stale))),))
+            kv.put(c, "mqtt.filters", json.dumps(sorted(set(filters) | set(stale))))
         return stale
 
     def health(self) -> list[str]:
@@ -338,7 +337,7 @@ class Service:
         if st.kv_get(EXPORT_ALERT_KEY) is None:
             return
         with st.transaction() as conn:
-            conn.execute("DELETE FROM kv WHERE key = ?", (EXPORT_ALERT_KEY,))
+            kv.delete(conn, EXPORT_ALERT_KEY)
             events.emit(conn, self.config, {
                 "kind": "alert.resolved", "severity": "info", "rule": "influxdb-export",
                 "scope": "site", "message": "InfluxDB accepts our writes again",
@@ -348,8 +347,7 @@ class Service:
         """InfluxDB said 401/403: tell the operator through the webhooks (once per cause)."""
         st = self.writer()
         with st.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
-                         (EXPORT_ALERT_KEY, reason))
+            kv.put(conn, EXPORT_ALERT_KEY, reason)
             events.emit(conn, self.config, {
                 "kind": "alert.firing", "severity": "critical", "rule": "influxdb-export",
                 "scope": "site", "message": f"InfluxDB refused our writes: {reason}",

@@ -59,7 +59,7 @@ from typing import Any, Protocol
 from monitor.config import InfluxConfig
 from monitor.outputs.lineproto import event_line, reading_line
 from monitor.outputs.retry import RETRY_AFTER_CAP_S, Backoff, retry_after_s
-from monitor.store import db
+from monitor.store import db, kv
 
 log = logging.getLogger(__name__)
 
@@ -451,8 +451,7 @@ class Exporter:
                            retry_in_s=retry_in)
 
     def _cursor(self, conn: sqlite3.Connection, key: str) -> int:
-        row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return int(row[0]) if row else 0
+        return int(kv.get(conn, key) or 0)
 
     def _repair_cursors(self, conn: sqlite3.Connection) -> None:
         # A table emptied by retention restarts its ids at 1; a cursor above the
@@ -468,10 +467,7 @@ class Exporter:
 
     def _set_cursors(self, conn: sqlite3.Connection, values: dict[str, int]) -> None:
         with db.transaction(conn):
-            for key, value in values.items():
-                conn.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
-                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                             (key, str(value)))
+            kv.put_many(conn, {key: str(value) for key, value in values.items()})
 
     def _read_batch(self, conn: sqlite3.Connection, probe: bool = False) -> _Batch | None:
         size = 1 if probe else self.config.batch_size
@@ -525,12 +521,10 @@ class Exporter:
                 rejected: list[tuple[str, str]]) -> None:
         now = self._now()
         with db.transaction(conn):
-            upsert = ("INSERT INTO kv (key, value) VALUES (?, ?) "
-                      "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
             if batch.last_reading is not None:
-                conn.execute(upsert, (READINGS_CURSOR, str(batch.last_reading)))
+                kv.put(conn, READINGS_CURSOR, str(batch.last_reading))
             if batch.last_outbox is not None:
-                conn.execute(upsert, (OUTBOX_CURSOR, str(batch.last_outbox)))
+                kv.put(conn, OUTBOX_CURSOR, str(batch.last_outbox))
                 # keep the newest exported row: its id stops SQLite from handing
                 # out ids at or below the cursor again
                 conn.execute("DELETE FROM export_outbox WHERE id < ?", (batch.last_outbox,))

@@ -51,6 +51,7 @@ from monitor.config import WebhookConfig
 from monitor.core.timefmt import parse_rfc3339, rfc3339
 from monitor.outputs.retry import Backoff, retry_after_s
 from monitor.store import db as store_db
+from monitor.store import kv
 from monitor.store.audit import canonical_json
 
 log = logging.getLogger(__name__)
@@ -580,9 +581,8 @@ class WebhookSender:
         try:
             # the endpoint is unwell: its whole queue waits, including events queued
             # after the failure (they were not there when _postpone moved next_at)
-            held = conn.execute("SELECT value FROM kv WHERE key = ?",
-                                (_hold_key(key),)).fetchone()
-            if held is not None and float(held[0]) > now:
+            held = kv.get(conn, _hold_key(key))
+            if held is not None and float(held) > now:
                 return stats
             rows = conn.execute(
                 "SELECT d.event_id, d.attempts, e.body FROM webhook_deliveries d "
@@ -700,11 +700,7 @@ class WebhookSender:
                 "WHERE state = 'pending' AND webhook = ? AND next_at < ?",
                 (retry_at, key, retry_at),
             )
-            conn.execute(
-                "INSERT INTO kv (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (_hold_key(key), repr(retry_at)),
-            )
+            kv.put(conn, _hold_key(key), repr(retry_at))
 
 
 def _hold_key(key: str) -> str:

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.store import kv
 from monitor.store.db import snapshot
 
 GENESIS = "0" * 64
@@ -136,11 +137,11 @@ def head(conn: sqlite3.Connection) -> Head | None:
 
 def anchor(conn: sqlite3.Connection) -> Head | None:
     """The head recorded in ``kv 'audit.head'``; ``None`` if absent or unreadable."""
-    row = conn.execute("SELECT value FROM kv WHERE key = ?", (ANCHOR_KEY,)).fetchone()
-    if row is None:
+    raw = kv.get(conn, ANCHOR_KEY)
+    if raw is None:
         return None
     try:
-        data = json.loads(row[0])
+        data = json.loads(raw)
         return Head(int(data["seq"]), str(data["hash"]))
     except (ValueError, TypeError, KeyError):
         return None
@@ -161,11 +162,7 @@ def _insert(
         "INSERT INTO audit (seq, at, kind, body, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?)",
         (seq, at, kind, body_text, prev_hash, digest),
     )
-    conn.execute(
-        "INSERT INTO kv (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (ANCHOR_KEY, canonical_json({"seq": seq, "hash": digest})),
-    )
+    kv.put(conn, ANCHOR_KEY, canonical_json({"seq": seq, "hash": digest}))
     return AuditEntry(seq, at, kind, body, prev_hash, digest)
 
 
@@ -301,7 +298,7 @@ def _verify(conn: sqlite3.Connection, expected: Head | None = None) -> VerifyRes
     checked = 0
     last: Head | None = None
     anchored = anchor(conn)
-    anchor_raw = conn.execute("SELECT 1 FROM kv WHERE key = ?", (ANCHOR_KEY,)).fetchone()
+    anchor_raw = kv.get(conn, ANCHOR_KEY)
     rows = conn.execute("SELECT seq, at, kind, body, prev_hash, hash FROM audit ORDER BY seq")
     for row in rows:
         seq = row[0]

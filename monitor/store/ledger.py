@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from monitor.core.accounting import MWH_PER_KWH
-from monitor.store import db
+from monitor.store import db, kv
 from monitor.store.db import StoreError, migrate
 
 # MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
@@ -294,8 +294,7 @@ class Store:
             (since_ts,))}
 
     def kv_get(self, key: str, default: str | None = None) -> str | None:
-        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return str(row[0]) if row else default
+        return kv.get(self.conn, key, default)
 
     def counts(self) -> dict[str, int]:
         q = {
