@@ -8,6 +8,7 @@ count too.  ``TYPE_CHECKING``-only imports count as well: a type is a dependency
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,82 @@ def test_the_daemon_never_loads_the_simulator() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- tables
+
+_WRITE = re.compile(r"\b(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|REPLACE\s+INTO|UPDATE|DELETE\s+FROM)"
+                    r"\s+([a-z_]+)", re.I)
+_READ = re.compile(r"\b(?:FROM|JOIN)\s+([a-z_]+)", re.I)
+
+
+def _sql_strings(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(v.value for v in node.values
+                           if isinstance(v, ast.Constant) and isinstance(v.value, str))
+            out.append((node.lineno, text))
+    return out
+
+
+def table_violations(paths: list[Path]) -> list[str]:
+    from monitor.store.schema import TABLES  # noqa: PLC0415
+    found = []
+    for path in paths:
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "monitor/store/schema.py":
+            continue
+        mod = _module_name(path)
+        for line, text in _sql_strings(path):
+            if not re.search(r"\b(SELECT|INSERT|UPDATE|DELETE|REPLACE)\b", text):
+                continue
+            for m in _WRITE.finditer(text):
+                t = TABLES.get(m.group(1))
+                if t is None:
+                    continue
+                if m.group(1) == "kv" and mod != "monitor.store.kv":
+                    found.append(f"{rel}:{line}: writes kv outside monitor.store.kv")
+                elif not (mod == t.writer or mod.startswith(t.writer + ".")):
+                    found.append(f"{rel}:{line}: writes {m.group(1)}, owned by {t.writer}")
+            for m in _READ.finditer(_WRITE.sub(" ", text)):
+                t = TABLES.get(m.group(1))
+                if t is None:
+                    continue
+                if not any(mod == p or mod.startswith(p + ".") for p in (t.writer, *t.readers)):
+                    found.append(f"{rel}:{line}: reads {m.group(1)}, not a listed reader")
+    return sorted(set(found))  # an f-string's parts are also seen as constants
+
+
+def test_each_table_has_one_writer_and_listed_readers() -> None:
+    assert table_violations(_sources()) == []
+
+
+def test_the_ownership_map_covers_every_table(tmp_path: Path) -> None:
+    from monitor.store.ledger import Store  # noqa: PLC0415
+    from monitor.store.schema import TABLES  # noqa: PLC0415
+    st = Store(tmp_path / "m.db")
+    names = {r[0] for r in st.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+             if not r[0].startswith("sqlite_")}
+    st.close()
+    assert names == set(TABLES)
+    assert all(t.writer in ALLOWED for t in TABLES.values())
+
+
+@pytest.mark.parametrize(("where", "code"), [
+    ("monitor/rules/forbidden_probe.py", 'SQL = "INSERT INTO export_outbox (line) VALUES (?)"\n'),
+    ("monitor/outputs/forbidden_probe.py", 'SQL = "UPDATE kv SET value = 1"\n'),
+    ("monitor/intake/forbidden_probe.py", 'SQL = "SELECT * FROM orders"\n'),
+    ("monitor/app/forbidden_probe.py", 'SQL = f"DELETE FROM readings WHERE id < {1}"\n'),
+])
+def test_a_write_by_another_package_is_caught(where: str, code: str) -> None:
+    probe = ROOT / where
+    assert not probe.exists()
+    probe.write_text(f'"""probe"""\n{code}')
+    try:
+        found = table_violations([probe])
+    finally:
+        probe.unlink()
+    assert len(found) == 1, found

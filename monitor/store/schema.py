@@ -8,6 +8,48 @@ every sum of them is exact; raw readings keep the device's kWh as REAL.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+
+class Table(NamedTuple):
+    """Who may write a table (one package) and who reads it directly with SQL."""
+
+    writer: str
+    readers: tuple[str, ...]
+    what: str
+
+
+#: Every table of the store: its one writing package and its direct SQL readers.
+#: ``tests/test_architecture.py`` fails when a module outside ``writer`` writes a
+#: table or one not listed reads it.  ``kv`` is written only through
+#: :mod:`monitor.store.kv`, whose docstring lists which package owns which key.
+TABLES: dict[str, Table] = {
+    "schema_migrations": Table("monitor.store", (), "migrations applied"),
+    "meters": Table("monitor.store", ("monitor.act", "monitor.outputs", "monitor.rules"),
+                    "every meter seen: identity, last reading, accounting state"),
+    "readings": Table("monitor.store", ("monitor.outputs",), "raw readings (retention)"),
+    "ledger": Table("monitor.store", ("monitor.report",), "mWh per meter per 15 min"),
+    "daily": Table("monitor.store", ("monitor.report",), "mWh per meter per local day"),
+    "monthly": Table("monitor.store", (), "mWh per meter per local month"),
+    "gaps": Table("monitor.store", ("monitor.report",), "data gaps and their bounds"),
+    "anomalies": Table("monitor.store", ("monitor.report",), "resets, jumps, jitter"),
+    "dead_letters": Table("monitor.store", ("monitor.report",), "refused messages, whole"),
+    "intake_outcomes": Table("monitor.store", (), "counted ignored/skipped reasons"),
+    "msg_seen": Table("monitor.store", (), "redelivery fingerprints"),
+    "signals": Table("monitor.store", ("monitor.rules",), "latest curtailment requests"),
+    "audit": Table("monitor.store", ("monitor.report",), "the tamper-evident hash chain"),
+    "kv": Table("monitor.store", ("monitor.outputs",), "small named values (store.kv)"),
+    "alert_state": Table("monitor.rules", ("monitor.act", "monitor.app", "monitor.report"),
+                         "each rule and scope's alert state"),
+    "meter_notices": Table("monitor.rules", (), "stale/unknown meter notices sent"),
+    "orders": Table("monitor.act", ("monitor.report", "monitor.rules"), "shutdown orders"),
+    "order_meters": Table("monitor.act", (), "each order's meters and their progress"),
+    "events": Table("monitor.outputs", ("monitor.report",), "every event, for webhooks"),
+    "webhook_deliveries": Table("monitor.outputs", (), "one row per event and webhook"),
+    "export_outbox": Table("monitor.outputs", (), "line protocol waiting for InfluxDB"),
+    "export_dead_letters": Table("monitor.outputs", (), "lines InfluxDB refused"),
+}
+
 MIGRATIONS: list[tuple[int, str]] = [
     (
         1,
