@@ -74,8 +74,16 @@ def subscriptions(config: Config) -> list[tuple[str, int]]:
     return list(dict(subs).items())  # one subscription per filter
 
 
-def fingerprint(topic: str, payload: bytes) -> bytes:
-    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+def fingerprint(topic: str, payload: bytes, mid: int = 0) -> bytes:
+    """One delivered message: its packet id, topic and payload.
+
+    A broker resends an unacknowledged QoS 1 message with its original packet id
+    (MQTT 5, 4.4), so the id tells a redelivery from a new message with the same
+    bytes: receipt-stamped devices repeat their payloads all the time (a plain
+    ``3512`` power, a counter that did not move), and a redelivered message that
+    was *not* committed must not be taken for one that was."""
+    head = f"{mid}\0{topic}\0".encode()
+    return hashlib.blake2b(head + payload, digest_size=16).digest()
 
 
 @dataclass
@@ -247,7 +255,7 @@ class Intake:
         rep = BatchReport(messages=len(messages))
         # counted here, not in paho's callback: the network thread is the bottleneck
         self.metrics.messages_received.inc(len(messages))
-        fps = [fingerprint(m.topic, m.payload) for m in messages]
+        fps = [fingerprint(m.topic, m.payload, m.mid) for m in messages]
         dup_fps = [fp for m, fp in zip(messages, fps, strict=True) if m.dup]
         already = self.store.seen(dup_fps) if dup_fps else set()
         in_batch: set[bytes] = set()
