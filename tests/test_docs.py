@@ -327,7 +327,9 @@ def arguments(parser: argparse.ArgumentParser) -> Iterator[str]:
             yield str(action.metavar or action.dest).upper()
 
 
-CLI_COMMANDS = list(commands(cli.build_parser()))
+# ``simulate`` hands its arguments to the simulator's own parser (loaded on demand)
+CLI_COMMANDS = [(w, cli.simulate_parser() if w == ("simulate",) else p)
+                for w, p in commands(cli.build_parser())]
 
 
 def command_section(secs: list[Section], words: tuple[str, ...]) -> Section | None:

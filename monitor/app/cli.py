@@ -164,7 +164,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _simulate(args.sim_args)
 
 
-def _simulate(argv: Sequence[str]) -> int:
+def simulate_parser() -> argparse.ArgumentParser:
+    """The parser of ``energy-monitor simulate`` (imports the simulator)."""
     # The simulator is not part of the daemon: imported only when asked for, so
     # ``run`` never loads it.  Its options are its own parser's.
     from sim import simulate  # noqa: PLC0415
@@ -172,8 +173,14 @@ def _simulate(argv: Sequence[str]) -> int:
     sp = argparse.ArgumentParser(prog="energy-monitor simulate",
                                  description="publish a simulated fleet of meters")
     simulate.add_arguments(sp)
+    return sp
+
+
+def _simulate(argv: Sequence[str]) -> int:
+    from sim import simulate  # noqa: PLC0415
+
     try:
-        sim_args = sp.parse_args(list(argv))
+        sim_args = simulate_parser().parse_args(list(argv))
     except SystemExit as exc:
         return int(exc.code or 0)
     return simulate.run(sim_args)
