@@ -11,7 +11,6 @@ messages are bounded real-time waits, never assertions about wall-clock time.
 from __future__ import annotations
 
 import json
-import queue
 import sqlite3
 import threading
 import time
@@ -27,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from monitor.act.orders import Actions
 from monitor.config import Config, parse
 from monitor.core.verdict import Verdict
+from monitor.intake.flow import IntakeQueue
 from monitor.intake.mqtt import MqttLink
 from monitor.metrics import Metrics
 from monitor.outputs import webhooks
@@ -296,7 +296,7 @@ def rig_factory(broker: Mosquitto, tmp_path: Path) -> Iterator[Callable[..., Rig
         devices = Devices(config.storage.path, clock, obey=obey)
         bus.hooks.append(devices)
         bus.start()
-        link = MqttLink(config, queue.Queue(), Metrics(), [])
+        link = MqttLink(config, IntakeQueue(10), Metrics(), [])
         link.start()
         assert link.connected.wait(10), "MqttLink did not connect"
         act = Actions(config, link.publish, make_emit(config, clock), clock=clock,

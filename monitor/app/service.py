@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from monitor.app.http import HttpServer
 from monitor.app.scheduler import Scheduler
 from monitor.app.sdnotify import Notifier
 from monitor.config import Config
+from monitor.intake.flow import IntakeQueue
 from monitor.intake.mqtt import MqttLink
 from monitor.intake.worker import Intake
 from monitor.intake.worker import subscriptions as intake_subscriptions
@@ -80,8 +80,10 @@ class Service:
         self.notifier = notifier if notifier is not None else Notifier()
         self.clock = clock
         self.metrics = Metrics()
-        self.queue: queue.Queue[object] = queue.Queue(
-            maxsize=config.mqtt.receive_maximum + config.intake.batch_size)
+        # room for every unacknowledged QoS 1 message (receive maximum) plus a QoS 0
+        # share of one batch: see monitor.intake.flow
+        self.queue = IntakeQueue(maxsize=config.mqtt.receive_maximum + config.intake.batch_size,
+                                 reserved=config.mqtt.receive_maximum)
         self.store: Store | None = None
         self.intake: Intake | None = None
         self.worker: threading.Thread | None = None

@@ -2,12 +2,23 @@
 
 Contracts:
 
-* ``on_message`` runs on paho's network thread and only copies the message into
-  the intake queue (:class:`~monitor.core.model.Message`); it does no parsing or I/O.
+* Incoming PUBLISH packets are read on paho's network thread and only copied into
+  the intake queue (:class:`~monitor.core.model.Message`); no parsing or I/O there.
 * Messages are acknowledged manually (:meth:`MqttLink.ack`), by the intake
-  worker, after their batch is committed.  Receive Maximum bounds how many
-  unacknowledged messages the broker sends, so the queue never overflows for
-  QoS >= 1.
+  worker, after their batch is committed: one write of all the batch's PUBACKs.
+  Receive Maximum bounds how many unacknowledged messages the broker sends, so
+  the queue never overflows for QoS >= 1, and the network thread never waits
+  without bound (:mod:`monitor.intake.flow` shows why and bounds the wait anyway).
+* The receive path is lean (:class:`_IntakeClient`): socket reads are buffered
+  (stock paho makes three ``recv`` calls per packet), and a QoS 0/1 PUBLISH whose
+  only properties are Subscription Identifiers is decoded in a few lines instead
+  of through paho's ``MQTTMessage``/``Properties`` objects and callback matching.
+  Anything else (QoS 2, other properties, a non-UTF-8 topic, a malformed packet)
+  takes paho's own path.  Only filters that overlap another one get a
+  Subscription Identifier, so most PUBLISH packets carry no property at all.
+  This costs about a tenth of paho's own receive path; it is what lets one
+  Python process parse, account and commit at a rate close to what a bare paho
+  client only counts (``docs/benchmarks.md``).
 * The session is persistent: fixed client id, ``clean_start=False`` and a
   Session Expiry Interval, so the broker queues readings while we are down.
 * Subscriptions are (re)made in ``on_connect``, so every reconnect restores them.
@@ -23,9 +34,12 @@ Library exceptions are translated to :class:`MqttError` here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,9 +53,111 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from monitor.config import Config
 from monitor.core.model import Message
+from monitor.intake.flow import OVERFLOW_WAIT_S, IntakeQueue
+from monitor.intake.worker import overlapping
 from monitor.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+_PUBACK = struct.Struct("!BBH")  # MQTT 5 PUBACK, reason Success: fixed header, length 2, id
+_PUBLISH, _PUBACK_CMD, _SUB_ID = 0x30, 0x40, 0x0B
+_READ_CHUNK = 65536
+#: paho internals the lean receive path relies on; without them paho's own path is used
+_PAHO_HOOKS = ("_handle_publish", "_sock_recv", "_packet_read", "_loop_rc_handle",
+               "_packet_queue", "loop_read")
+FAST_PATH = all(callable(getattr(paho.Client, n, None)) for n in _PAHO_HOOKS)
+
+Deliver = Callable[[str, bytes, int, bool, bool, int, tuple[int, ...]], None]
+
+
+def _varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 21:
+            raise IndexError("variable byte integer longer than 4 bytes")
+
+
+class _IntakeClient(paho.Client):
+    """paho's client with a buffered socket read and a lean PUBLISH decoder (see the
+    module docstring).  ``deliver(topic, payload, qos, retain, dup, mid, sub_ids)`` is
+    called on the network thread for each QoS 0/1 message it decodes itself."""
+
+    def __init__(self, *args: Any, deliver: Deliver, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deliver = deliver
+        self._rbuf = b""
+        self._rpos = 0
+        self._rsock: object = None
+        self.fast_packets = 0  # PUBLISH packets decoded by the lean path (tests read it)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._sock is not self._rsock:  # a new connection: nothing of the old one is left
+            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        pos = self._rpos
+        if pos >= len(self._rbuf):
+            data = super()._sock_recv(max(bufsize, _READ_CHUNK))
+            if len(data) <= bufsize:
+                self._rbuf, self._rpos = b"", 0
+                return data
+            self._rbuf, pos = data, 0
+        end = pos + bufsize
+        self._rpos = end
+        return self._rbuf[pos:end]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # packets already in the buffer: select() would not report them
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) \
+                and self._sock is not None and self._sock is self._rsock:
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return rc
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        cmd = self._in_packet["command"]
+        data = self._in_packet["packet"]
+        qos = (cmd & 0x06) >> 1
+        if qos > 1 or self._protocol != paho.MQTTv5:
+            return super()._handle_publish()
+        try:
+            pos = 2 + ((data[0] << 8) | data[1])
+            topic = bytes(data[2:pos]).decode("utf-8")
+            mid = 0
+            if qos:
+                mid = (data[pos] << 8) | data[pos + 1]
+                pos += 2
+            plen, pos = _varint(data, pos)
+            end = pos + plen
+            ids: tuple[int, ...] = ()
+            while pos < end:
+                if data[pos] != _SUB_ID:
+                    return super()._handle_publish()
+                sid, pos = _varint(data, pos + 1)
+                ids += (sid,)
+            if pos != end or end > len(data) or "\0" in topic:
+                return super()._handle_publish()
+        except (IndexError, UnicodeDecodeError):
+            return super()._handle_publish()  # paho reports it (MalformedPacket etc.)
+        self.fast_packets += 1
+        self._deliver(topic, bytes(data[end:]), qos, bool(cmd & 0x01), bool(cmd & 0x08),
+                      mid, ids)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def ack_many(self, mids: Sequence[int]) -> None:
+        """Acknowledge QoS 1 messages (``manual_ack``): all PUBACKs in one write."""
+        if mids:
+            pack = _PUBACK.pack
+            self._packet_queue(_PUBACK_CMD, b"".join([pack(_PUBACK_CMD, 2, m) for m in mids]),
+                               0, 1)
 
 
 class MqttError(Exception):
@@ -62,7 +178,7 @@ class MqttLink:
     def __init__(
         self,
         config: Config,
-        sink: queue.Queue[object],
+        sink: IntakeQueue,
         metrics: Metrics,
         subscriptions: Sequence[tuple[str, int]],
         *,
@@ -78,13 +194,21 @@ class MqttLink:
         self.connected = threading.Event()
         self.last_error = ""
         self._accepting = True
+        # set when the broker broke Receive Maximum: nothing more is taken on this
+        # connection (left unacknowledged, re-delivered in the session after reconnecting)
+        self._overflowed = False
+        self._overlapping = overlapping([t for t, _ in self.subscriptions])
         mc = config.mqtt
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=True,
-        )
+        self.client: paho.Client
+        if FAST_PATH:
+            self.client = _IntakeClient(CallbackAPIVersion.VERSION2, client_id=config.client_id,
+                                        protocol=paho.MQTTv5, manual_ack=True,
+                                        deliver=self._deliver)
+        else:  # pragma: no cover - a paho without the internals the lean path uses
+            log.warning("paho-mqtt %s lacks the internals of the lean receive path; "
+                        "using paho's own", getattr(paho, "__version__", "?"))
+            self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id,
+                                      protocol=paho.MQTTv5, manual_ack=True)
         if mc.username is not None:
             self.client.username_pw_set(
                 mc.username, mc.password.get_secret_value() if mc.password else None)
@@ -124,9 +248,12 @@ class MqttLink:
             log.info("MQTT unsubscribing filters no longer configured: %s",
                      ", ".join(self.unsubscribe))
             client.unsubscribe(self.unsubscribe)
+        self._overflowed = False
         for i, (topic, qos) in enumerate(self.subscriptions):
-            props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-            props.SubscriptionIdentifier = i + 1
+            props = None
+            if i in self._overlapping:
+                props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                props.SubscriptionIdentifier = i + 1
             client.subscribe(topic, qos=qos, properties=props)
         client.publish(status_topic(self.config.site.id), "online", qos=1, retain=True)
         self.last_error = ""
@@ -145,23 +272,45 @@ class MqttLink:
             log.warning("MQTT %s; paho reconnects with backoff", self.last_error)
 
     def _on_message(self, client: paho.Client, userdata: Any, m: paho.MQTTMessage) -> None:
-        if not self._accepting:
-            return  # not acknowledged: the broker re-delivers it to our next session
+        """paho's own path (QoS 2, unusual properties): the same as the lean one."""
         ids = getattr(m.properties, "SubscriptionIdentifier", None) if m.properties else None
-        msg = Message(m.topic, bytes(m.payload), time.time(), m.qos, bool(m.retain),
-                      bool(m.dup), m.mid, tuple(ids) if ids else ())
-        if m.qos == 0:
-            try:
-                self.sink.put_nowait(msg)
-            except queue.Full:
+        self._deliver(m.topic, bytes(m.payload), m.qos, bool(m.retain), bool(m.dup), m.mid,
+                      tuple(ids) if ids else ())
+
+    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool,
+                 mid: int, sub_ids: tuple[int, ...]) -> None:
+        """Network thread: enqueue one message, never waiting without bound."""
+        if not self._accepting or self._overflowed:
+            return  # not acknowledged: the broker re-delivers it to our next session
+        msg = Message(topic, payload, time.time(), qos, retain, dup, mid, sub_ids)
+        if qos == 0:
+            if not self.sink.offer_qos0(msg):
                 self.metrics.queue_dropped.inc()
             return
         try:
             self.sink.put_nowait(msg)
+            return
         except queue.Full:
-            # Receive Maximum should make this impossible; wait rather than lose it
-            self.metrics.queue_blocked.inc()
-            self.sink.put(msg)
+            pass
+        # impossible while the broker keeps to Receive Maximum (intake.flow); wait a
+        # little, then refuse rather than stop answering the broker's keepalive
+        self.metrics.queue_blocked.inc()
+        try:
+            self.sink.put(msg, timeout=OVERFLOW_WAIT_S)
+        except queue.Full:
+            self._receive_maximum_exceeded()
+
+    def _receive_maximum_exceeded(self) -> None:
+        self._overflowed = True
+        self.last_error = (f"broker exceeded Receive Maximum {self.config.mqtt.receive_maximum}:"
+                           " intake queue full; reconnecting")
+        log.error("MQTT %s", self.last_error)
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            # paho sees the connection lost and reconnects with backoff; what we did not
+            # acknowledge comes again in the persistent session
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # ------------------------------------------------------------------ API
 
@@ -179,6 +328,12 @@ class MqttLink:
 
     def ack(self, msgs: Sequence[Message]) -> None:
         """Acknowledge committed messages (called by the intake worker)."""
+        if isinstance(self.client, _IntakeClient):
+            self.client.ack_many([m.mid for m in msgs if m.qos == 1])
+            for m in msgs:
+                if m.qos == 2:
+                    self.client.ack(m.mid, 2)
+            return
         for m in msgs:
             if m.qos > 0:
                 self.client.ack(m.mid, m.qos)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from monitor.core.model import (
     TsSource,
 )
 from monitor.core.signal import parse_signal
+from monitor.intake.flow import IntakeQueue
 from monitor.intake.parsers import Parser, make_parser
 from monitor.intake.parsers.discovery import DiscoveryRegistry
 from monitor.metrics import Metrics
@@ -72,6 +72,31 @@ def subscriptions(config: Config) -> list[tuple[str, int]]:
     if prefix:  # retained configs: sent again at every (re)subscribe
         subs += [(f"{prefix}/+/+/config", 1), (f"{prefix}/+/+/+/config", 1)]
     return list(dict(subs).items())  # one subscription per filter
+
+
+def _filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters (conservative for ``$`` topics)."""
+    la, lb = a.split("/"), b.split("/")
+    for i in range(max(len(la), len(lb))):
+        x = la[i] if i < len(la) else None
+        y = lb[i] if i < len(lb) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and "+" not in (x, y):
+            return False
+    return True
+
+
+def overlapping(filters: Sequence[str]) -> frozenset[int]:
+    """Positions of the filters that share a topic with another filter of the list.
+
+    Only these are subscribed with a Subscription Identifier: a message of any
+    other filter is the only copy the broker sends, and a PUBLISH without
+    properties is much cheaper for paho to read (see :mod:`monitor.intake.mqtt`)."""
+    return frozenset(i for i, a in enumerate(filters)
+                     for j, b in enumerate(filters) if i != j and _filters_overlap(a, b))
 
 
 def fingerprint(topic: str, payload: bytes, mid: int = 0) -> bytes:
@@ -117,7 +142,7 @@ class Intake:
     store: Store
     metrics: Metrics
     ack: Callable[[Sequence[Message]], None] = lambda msgs: None
-    queue: queue.Queue[object] = field(default_factory=lambda: queue.Queue(maxsize=10000))
+    queue: IntakeQueue = field(default_factory=lambda: IntakeQueue(maxsize=10000))
     _meters: dict[str, _Meter] = field(default_factory=dict, init=False)
     _parsers: list[Parser] = field(default_factory=list, init=False)
     _route: dict[str, int] = field(default_factory=dict, init=False)
@@ -145,6 +170,7 @@ class Intake:
         self._days = accounting.LocalDays(c.site.tz)
         self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
         self._filters = [t for t, _ in subscriptions(c)]
+        self._overlapping = overlapping(self._filters)
         self._primary: dict[str, int] = {}  # topic -> the subscription id that owns it
         self._clock = accounting.ClockBounds(c.intake.max_clock_ahead_s,
                                              c.intake.max_clock_behind_s)
@@ -239,11 +265,14 @@ class Intake:
         return idx
 
     def _primary_of(self, topic: str) -> int:
-        """The Subscription Identifier of the first filter matching ``topic`` (0: none)."""
+        """The Subscription Identifier of the first filter matching ``topic`` (0: none,
+        or that filter overlaps no other and is subscribed without an identifier)."""
         sid = self._primary.get(topic)
         if sid is None:
             sid = next((i + 1 for i, f in enumerate(self._filters)
                         if topic_matches_sub(f, topic)), 0)
+            if sid and sid - 1 not in self._overlapping:
+                sid = 0
             if len(self._primary) > 200_000:
                 self._primary.clear()
             self._primary[topic] = sid
@@ -255,6 +284,11 @@ class Intake:
         rep = BatchReport(messages=len(messages))
         # counted here, not in paho's callback: the network thread is the bottleneck
         self.metrics.messages_received.inc(len(messages))
+        dropped = self.queue.take_dropped()
+        if dropped:  # QoS 0 messages the full queue could not take (see intake.flow)
+            rep.ignored += dropped
+            key = ("ignored", "queue_full", "-")
+            batch.outcomes[key] = batch.outcomes.get(key, 0) + dropped
         fps = [fingerprint(m.topic, m.payload, m.mid) for m in messages]
         dup_fps = [fp for m, fp in zip(messages, fps, strict=True) if m.dup]
         already = self.store.seen(dup_fps) if dup_fps else set()
@@ -267,7 +301,8 @@ class Intake:
                 continue
             in_batch.add(fp)
             batch.fingerprints.append(fp)
-            if msg.sub_ids and self._primary_of(msg.topic) not in msg.sub_ids:
+            if msg.sub_ids and (primary := self._primary_of(msg.topic)) \
+                    and primary not in msg.sub_ids:
                 # the same message again, for another filter that matches its topic
                 rep.ignored += 1
                 self._outcome(batch, "ignored", "overlapping_subscription", "-")
@@ -469,28 +504,31 @@ class Intake:
         cfg = self.config.intake
         while True:
             self.busy_since = None
-            try:  # wake up now and then, so that an idle loop shows it is alive
-                first = self.queue.get(timeout=IDLE_TICK_S)
-            except queue.Empty:
-                self.taken_at = time.monotonic()
+            # wake up now and then, so that an idle loop shows it is alive
+            got = self.queue.take(cfg.batch_size, IDLE_TICK_S)
+            self.taken_at = time.monotonic()
+            if not got:
                 continue
-            self.taken_at = self.busy_since = time.monotonic()
-            if first is STOP:
+            self.busy_since = self.taken_at
+            if got[0] is STOP:
                 return
-            msgs: list[Message] = [first]  # type: ignore[list-item]
-            deadline = time.monotonic() + cfg.batch_wait_ms / 1000.0
-            stopping = False
-            while len(msgs) < cfg.batch_size:
-                try:
-                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
+            deadline = self.taken_at + cfg.batch_wait_ms / 1000.0
+            stopping = any(x is STOP for x in got)
+            while not stopping and len(got) < cfg.batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                if item is STOP:
-                    stopping = True
+                more = self.queue.take(cfg.batch_size - len(got), left)
+                if not more:
                     break
-                msgs.append(item)  # type: ignore[arg-type]
+                got += more
+                stopping = any(x is STOP for x in more)
+            if stopping:  # what came before the sentinel is drained; nothing follows it
+                got = got[:next(i for i, x in enumerate(got) if x is STOP)]
+            msgs: list[Message] = got  # type: ignore[assignment]
             self.metrics.queue_depth.set(self.queue.qsize())
-            self.handle(msgs)
+            if msgs:
+                self.handle(msgs)
             if stopping:
                 return
 

@@ -1,0 +1,118 @@
+"""The intake queue between paho's network thread and the intake worker, and its
+admission rule (back-pressure).
+
+Why the network thread never waits without bound:
+
+* The daemon connects with MQTT 5 *Receive Maximum* ``R`` (``[mqtt]
+  receive_maximum``): the broker never has more than ``R`` QoS 1/2 messages to
+  us unacknowledged, and the intake acknowledges a message only after its batch
+  is committed.  So at most ``R`` QoS >= 1 messages are in the queue or in the
+  worker's hands at any time, however fast devices publish.
+* QoS 0 messages are not flow-controlled by the broker.  They are admitted only
+  while the queue holds fewer than ``maxsize - R`` messages (the *QoS 0 share*);
+  beyond that they are dropped and counted (:attr:`IntakeQueue.dropped`, taken by
+  the worker into the ``ignored``/``queue_full`` outcome), as QoS 0 allows.
+* Hence the queue never holds more than ``(maxsize - R) + R = maxsize`` items and
+  a QoS >= 1 put always finds room.  Only a broker that breaks Receive Maximum
+  (a protocol error) could fill it: then the put waits at most ``OVERFLOW_WAIT_S``
+  (far below any keepalive), and :class:`monitor.intake.mqtt.MqttLink` drops the
+  connection with reason *Receive Maximum exceeded* without acknowledging, so
+  the broker re-delivers the message in the persistent session.
+
+The queue is a deque with one condition variable: a put is an append and, only
+when the worker sleeps, a notify; the worker takes a whole batch in one call.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+
+#: the longest the network thread waits for room (only if the broker breaks Receive Maximum)
+OVERFLOW_WAIT_S = 0.5
+
+
+class IntakeQueue:
+    """Bounded FIFO of messages (and the worker's STOP sentinel).  Any thread may put;
+    one consumer (the intake worker) takes."""
+
+    def __init__(self, maxsize: int, reserved: int = 0) -> None:
+        """``reserved``: the part of ``maxsize`` kept for QoS >= 1 messages (the receive
+        maximum); QoS 0 messages may use only ``maxsize - reserved``."""
+        if maxsize < 1 or not 0 <= reserved < maxsize:
+            raise ValueError(f"need 0 <= reserved ({reserved}) < maxsize ({maxsize})")
+        self.maxsize = maxsize
+        self.qos0_limit = maxsize - reserved
+        self._items: collections.deque[object] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = False  # the consumer sleeps in take()
+        self._dropped = 0
+        #: the most the queue ever held (read by tests and the status page)
+        self.high_water = 0
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def _append(self, item: object) -> None:
+        self._items.append(item)
+        self.high_water = max(self.high_water, len(self._items))
+        if self._waiting:
+            self._cond.notify()
+
+    def offer_qos0(self, item: object) -> bool:
+        """Enqueue a QoS 0 message if it fits in the QoS 0 share; else count it dropped."""
+        with self._cond:
+            if len(self._items) >= self.qos0_limit:
+                self._dropped += 1
+                return False
+            self._append(item)
+            return True
+
+    def put_nowait(self, item: object) -> None:
+        """Enqueue, or raise :class:`queue.Full` at ``maxsize``."""
+        with self._cond:
+            if len(self._items) >= self.maxsize:
+                raise queue.Full
+            self._append(item)
+
+    def put(self, item: object, timeout: float | None = None) -> None:
+        """Enqueue, waiting up to ``timeout`` seconds (``None``: forever) for room;
+        :class:`queue.Full` when it is still full."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while len(self._items) >= self.maxsize:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Full
+                self._cond.wait(left if left is None else min(left, 0.05))
+            self._append(item)
+
+    def get(self, timeout: float | None = None) -> object:
+        """One item (``queue.Queue`` compatible); :class:`queue.Empty` on timeout."""
+        got = self.take(1, timeout if timeout is not None else 3.0e7)
+        if not got:
+            raise queue.Empty
+        return got[0]
+
+    def take(self, max_items: int, wait_s: float) -> list[object]:
+        """Up to ``max_items`` items; waits up to ``wait_s`` for the first one only."""
+        with self._cond:
+            if not self._items:
+                self._waiting = True
+                try:
+                    self._cond.wait_for(lambda: bool(self._items), wait_s)
+                finally:
+                    self._waiting = False
+            items = self._items
+            n = min(max_items, len(items))
+            out = [items.popleft() for _ in range(n)]
+            self._cond.notify_all()  # a bounded put may wait for room
+            return out
+
+    def take_dropped(self) -> int:
+        """QoS 0 messages dropped since the last call (the worker books them)."""
+        with self._cond:
+            n, self._dropped = self._dropped, 0
+            return n
