@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from monitor.act.orders import Actions, ActionsError, UlidFactory, device_command
+from monitor.act.model import ActionsError, UlidFactory, device_command
+from monitor.act.orders import Actions
 from monitor.app import cli
 from monitor.config import ControlConfig
 from monitor.intake.mqtt import MqttError
@@ -81,28 +82,28 @@ def make(tmp_path: Path) -> Iterator[Make]:
 
 def test_shed_plan_without_priority_takes_the_largest_meters_first(make: Make) -> None:
     act, st, _, _ = make()
-    plan = act.plan_shed(st.conn, "site", 4.0)  # 8.0 kW -> at most 4.0 kW
+    plan = act.planner.plan_shed(st.conn, "site", 4.0)  # 8.0 kW -> at most 4.0 kW
     assert plan.shed == ("rack-01", "rack-02")  # 3000 + 2500 W
     assert (plan.before_w, plan.after_w, plan.reaches_target) == (8000.0, 2500.0, True)
-    assert act.plan_shed(st.conn, "site", 8.0).shed == ()
-    assert act.plan_shed(st.conn, "group:hall-b", 0.7).shed == ("rack-03",)
+    assert act.planner.plan_shed(st.conn, "site", 8.0).shed == ()
+    assert act.planner.plan_shed(st.conn, "group:hall-b", 0.7).shed == ("rack-03",)
 
 
 def test_shed_plan_sheds_priority_groups_whole_and_in_the_listed_order(make: Make) -> None:
     act, st, _, _ = make(shed_priority=["hall-b", "hall-c"])
     # 8.0 kW -> 6.0 kW: hall-b (1.5 kW) is not enough, hall-c (1.0 kW) goes too
-    plan = act.plan_shed(st.conn, "site", 6.0)
+    plan = act.planner.plan_shed(st.conn, "site", 6.0)
     assert plan.shed == ("rack-03", "rack-04", "rack-05", "rack-06")
     assert plan.after_w == 5500.0
     # 8.0 kW -> 7.0 kW: hall-b alone is enough
-    assert act.plan_shed(st.conn, "site", 7.0).shed == ("rack-03", "rack-04")
+    assert act.planner.plan_shed(st.conn, "site", 7.0).shed == ("rack-03", "rack-04")
     # 8.0 kW -> 5.0 kW: both groups, then the largest of the rest
-    assert act.plan_shed(st.conn, "site", 5.0).shed == (
+    assert act.planner.plan_shed(st.conn, "site", 5.0).shed == (
         "rack-03", "rack-04", "rack-05", "rack-06", "rack-01")
     # a priority group outside the scope plays no part
-    assert act.plan_shed(st.conn, "group:hall-a", 3.0).shed == ("rack-01",)
+    assert act.planner.plan_shed(st.conn, "group:hall-a", 3.0).shed == ("rack-01",)
     # target 0: everything that draws
-    assert set(act.plan_shed(st.conn, "site", 0.0).shed) == set(RATED_W)
+    assert set(act.planner.plan_shed(st.conn, "site", 0.0).shed) == set(RATED_W)
 
 
 def test_shed_plan_counts_unknown_power_at_the_rating_and_skips_idle_meters(make: Make) -> None:
@@ -110,7 +111,7 @@ def test_shed_plan_counts_unknown_power_at_the_rating_and_skips_idle_meters(make
     with transaction(st.conn):
         st.conn.execute("UPDATE meters SET power_w = NULL WHERE id = 'rack-01'")  # rated 3.5 kW
         st.conn.execute("UPDATE meters SET power_w = 0 WHERE id = 'rack-02'")
-    plan = act.plan_shed(st.conn, "group:hall-a", 0.0)
+    plan = act.planner.plan_shed(st.conn, "group:hall-a", 0.0)
     assert plan.shed == ("rack-01",) and plan.before_w == 3500.0
 
 
@@ -147,16 +148,16 @@ def test_an_identical_order_in_force_is_not_re_issued_but_a_failed_one_is(make: 
 
 def test_resolving_scopes(make: Make, tmp_path: Path) -> None:
     act, st, _, _ = make()
-    assert act.resolve("group:hall-c") == ("rack-05", "rack-06")
-    assert act.resolve("meter:rack-03") == ("rack-03",)
+    assert act.planner.resolve("group:hall-c") == ("rack-05", "rack-06")
+    assert act.planner.resolve("meter:rack-03") == ("rack-03",)
     for bad in ("group:nope", "meter:nope", "hall-a", "group:"):
         with pytest.raises(ActionsError):
-            act.resolve(bad)
+            act.planner.resolve(bad)
     # a site without [[meters]]: every meter the store has seen
     bare = make_config(tmp_path / "bare")
     bare = bare.model_copy(update={"meters": []})
     plain = Actions(bare, None, make_emit(bare, Clock()))
-    assert plain.resolve("site", st.conn) == tuple(sorted(RATED_W))
+    assert plain.planner.resolve("site", st.conn) == tuple(sorted(RATED_W))
 
 
 # --------------------------------------------------------------------------- publication
@@ -185,13 +186,13 @@ def test_a_failed_publication_stays_due_and_is_retried_later(make: Make) -> None
     rec.fail = True
     assert act.publish_pending(st.conn) == 0
     due = st.conn.execute("SELECT publish_due, published_at FROM orders").fetchone()
-    assert due == (T0 + act.retry_s, None)
+    assert due == (T0 + act.publisher.retry_s, None)
     rec.fail = False
     assert act.publish_pending(st.conn) == 0  # not yet due again
-    clock.t = T0 + act.retry_s
+    clock.t = T0 + act.publisher.retry_s
     assert act.publish_pending(st.conn) == 1
     assert st.conn.execute("SELECT publish_due, published_at FROM orders").fetchone() == (
-        None, T0 + act.retry_s)
+        None, T0 + act.publisher.retry_s)
 
 
 def test_a_publication_the_broker_did_not_acknowledge_is_retried(make: Make) -> None:
@@ -201,7 +202,7 @@ def test_a_publication_the_broker_did_not_acknowledge_is_retried(make: Make) -> 
     rec.result = Unacked()
     assert act.publish_pending(st.conn) == 0
     rec.result = None
-    clock.t = T0 + act.retry_s
+    clock.t = T0 + act.publisher.retry_s
     assert act.publish_pending(st.conn) == 1
     assert [p for t, p in rec.sent if t == "cmnd/pow1/POWER"] == ["ON", "ON"]
 
