@@ -197,6 +197,7 @@ class MqttLink:
         # set when the broker broke Receive Maximum: nothing more is taken on this
         # connection (left unacknowledged, re-delivered in the session after reconnecting)
         self._overflowed = False
+        self.overflows = 0  # times the broker broke Receive Maximum (each: a reconnect)
         self._overlapping = overlapping([t for t, _ in self.subscriptions])
         mc = config.mqtt
         self.client: paho.Client
@@ -267,7 +268,7 @@ class MqttLink:
                        properties: Properties | None) -> None:
         self.connected.clear()
         self.metrics.mqtt_connected.set(0)
-        if rc.value != 0:
+        if rc.value != 0 and not self._overflowed:
             self.last_error = f"disconnected: {rc}"
             log.warning("MQTT %s; paho reconnects with backoff", self.last_error)
 
@@ -302,6 +303,7 @@ class MqttLink:
 
     def _receive_maximum_exceeded(self) -> None:
         self._overflowed = True
+        self.overflows += 1
         self.last_error = (f"broker exceeded Receive Maximum {self.config.mqtt.receive_maximum}:"
                            " intake queue full; reconnecting")
         log.error("MQTT %s", self.last_error)
