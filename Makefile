@@ -11,8 +11,13 @@ demo: deps
 	$(PY) scripts/demo.py
 
 # pytest exits 5 when it collected no test: that fails here like any other error.
+# Coverage includes every Python process the tests start (pyproject: patch = subprocess);
+# the report is printed after the tests pass.
 test: deps
-	$(PY) -m pytest -q -p no:cacheprovider
+	@rm -f .coverage .coverage.*
+	$(PY) -m coverage run -m pytest -q -p no:cacheprovider
+	@$(PY) -m coverage combine -q
+	@$(PY) -m coverage report | tail -n 25
 
 check: deps
 	$(PY) -m ruff check monitor sim tests bench scripts
