@@ -17,11 +17,12 @@ Every problem is reported as ``dotted.key.path: what is wrong``; see
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -62,6 +63,8 @@ class ConfigError(Exception):
     def __init__(self, problems: Sequence[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+        #: the same lines followed by ``(FILE, line N)`` where the key is written, when known
+        self.located = list(problems)
 
 
 class _Model(BaseModel):
@@ -212,6 +215,194 @@ class MeterConfig(_Model):
         if (isinstance(v, list) and not v) or (isinstance(v, str) and not v):
             raise ValueError("must name at least one device id")
         return v
+
+
+# --------------------------------------------------------------------------- meter patterns
+#
+# A site of hundreds of identical plugs is configured by device-id globs instead of
+# one [[meters]] entry each.  Precedence: a [[meters]] entry that names the device
+# wins; otherwise the first [[meter_patterns]] entry whose glob matches (in file
+# order, included files first); otherwise the device is unconfigured (meter.unknown).
+
+PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+NAMED_PLACEHOLDERS = ("device", "prefix", "name", "channel")
+
+
+@functools.lru_cache(maxsize=256)
+def glob_regex(glob: str) -> re.Pattern[str]:
+    """The regex of a device-id glob: ``*`` any run of characters (``/`` included),
+    ``?`` one character, ``[abc]``/``[!abc]`` one of a set; each ``*`` and ``?`` is a
+    numbered group (``{1}``, ``{2}``... in templates)."""
+    out: list[str] = []
+    i = 0
+    while i < len(glob):
+        ch = glob[i]
+        if ch == "*":
+            out.append("(.*?)")
+        elif ch == "?":
+            out.append("(.)")
+        elif ch == "[" and glob.find("]", i + 2) > 0:
+            end = glob.find("]", i + 2)
+            body = glob[i + 1:end]
+            neg = body.startswith("!")
+            body = (body[1:] if neg else body).replace("\\", "\\\\").replace("^", "\\^")
+            out.append(f"[{'^' if neg else ''}{body.replace('[', chr(92) + '[')}]")
+            i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _wildcards(glob: str) -> int:
+    return glob_regex(glob).groups
+
+
+def _check_template(template: str, glob: str) -> str:
+    for name in PLACEHOLDER_RE.findall(template):
+        if name in NAMED_PLACEHOLDERS:
+            continue
+        if name.isdigit() and 1 <= int(name) <= _wildcards(glob):
+            continue
+        n = _wildcards(glob)
+        numbered = ("" if not n else ", or {1} (what the * or ? of device matched)" if n == 1
+                    else f", or {{1}}..{{{n}}} (one per * or ? of device)")
+        raise ValueError(f"unknown placeholder {{{name}}}: use {{device}}, {{prefix}}, "
+                         f"{{name}}, {{channel}}{numbered}")
+    return template
+
+
+def device_fields(device: str) -> dict[str, str]:
+    """The named placeholders of a device id: ``tasmota/rig-07`` gives prefix
+    ``tasmota``, name ``rig-07``; ``shelly/plus1pm-ab:0`` name ``plus1pm-ab``, channel ``0``."""
+    prefix, sep, rest = device.partition("/")
+    if not sep:
+        prefix, rest = "", device
+    base, colon, channel = rest.rpartition(":")
+    if not colon:
+        base, channel = rest, ""
+    return {"device": device, "prefix": prefix, "name": base, "channel": channel}
+
+
+def fill_template(template: str, fields: Mapping[str, str]) -> str:
+    return PLACEHOLDER_RE.sub(lambda m: fields.get(m.group(1), m.group(0)), template)
+
+
+class ControlTemplate(_Model):
+    """A ``control`` whose topic is a template, e.g. ``cmnd/{name}/POWER``."""
+
+    kind: ControlKind
+    topic: str
+    channel: int | None = None  # None: the device id's :channel when it is a number, else 0
+
+
+class MeterPattern(_Model):
+    device: str  # a glob over device ids, e.g. "tasmota/rig-*"
+    id: str = "{device}"  # template of the meter id
+    group: str = ""  # may be a template too, e.g. "hall-{1}"
+    rated_kw: float | None = Field(None, gt=0)
+    control: ControlTemplate | None = None
+    expected_interval_s: float | None = Field(None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _glob(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must be a device-id glob such as 'tasmota/rig-*'")
+        glob_regex(v)
+        return v
+
+    @field_validator("id", "group")
+    @classmethod
+    def _templates(cls, v: str, info: ValidationInfo) -> str:
+        glob = info.data.get("device")
+        if glob is None:
+            return v
+        if info.field_name == "id" and not v:
+            raise ValueError("must not be empty")
+        return _check_template(v, glob)
+
+    @model_validator(mode="after")
+    def _control_topic(self) -> MeterPattern:
+        if self.control is not None:
+            try:
+                _check_template(self.control.topic, self.device)
+            except ValueError as exc:
+                raise ValueError(f"control.topic: {exc}") from None
+            if "+" in self.control.topic or "#" in self.control.topic:
+                raise ValueError("control.topic: must be a concrete topic without wildcards")
+        return self
+
+    def fields(self, device: str) -> dict[str, str] | None:
+        """The placeholders for ``device``, or None when the glob does not match it."""
+        m = glob_regex(self.device).match(device)
+        if m is None:
+            return None
+        out = device_fields(device)
+        out.update({str(i + 1): g for i, g in enumerate(m.groups())})
+        return out
+
+    def meter(self, device: str) -> MeterConfig | None:
+        """The meter entry this pattern gives ``device``, or None (no match, or the
+        templates give an empty id or an unusable control topic)."""
+        f = self.fields(device)
+        if f is None:
+            return None
+        meter_id = fill_template(self.id, f)
+        if not meter_id:
+            return None
+        control: ControlConfig | None = None
+        if self.control is not None:
+            ch = self.control.channel
+            if ch is None:
+                ch = int(f["channel"]) if f["channel"].isdigit() else 0
+            try:
+                control = ControlConfig(kind=self.control.kind, channel=ch,
+                                        topic=fill_template(self.control.topic, f))
+            except ValidationError:
+                control = None
+        return MeterConfig(id=meter_id, device=device, group=fill_template(self.group, f),
+                           rated_kw=self.rated_kw, control=control,
+                           expected_interval_s=self.expected_interval_s)
+
+    def could_give(self, key: str, value: str) -> bool:
+        """Whether the template ``key`` (``id`` or ``group``) can produce ``value``:
+        its placeholders read as any non-empty text."""
+        template = getattr(self, key)
+        parts = PLACEHOLDER_RE.split(template)
+        rx = "".join(re.escape(p) if i % 2 == 0 else ".+" for i, p in enumerate(parts))
+        return re.fullmatch(rx, value) is not None
+
+
+class MeterResolver:
+    """device id -> its meter entry: the ``[[meters]]`` entry naming it, else the first
+    matching ``[[meter_patterns]]`` entry (if its id is not a configured meter's or
+    already another device's), else None.  Cached; one per thread."""
+
+    def __init__(self, config: Config, cache_size: int = 200_000) -> None:
+        self._configured = config.meter_for_device()
+        self._patterns = config.meter_patterns
+        self._config = config
+        self._cache: dict[str, MeterConfig | None] = {}
+        self._cache_size = cache_size
+        self._claimed: dict[str, str] = {}  # pattern meter id -> the device that has it
+
+    def get(self, device: str) -> MeterConfig | None:
+        mc = self._configured.get(device)
+        if mc is not None or not self._patterns:
+            return mc
+        if device in self._cache:
+            return self._cache[device]
+        mc = self._config.pattern_meter(device)
+        if mc is not None and self._claimed.setdefault(mc.id, device) != device:
+            mc = None  # two devices would be one meter: the second is unconfigured
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[device] = mc
+        return mc
+
+    def __contains__(self, device: object) -> bool:
+        return isinstance(device, str) and self.get(device) is not None
 
 
 class StorageConfig(_Model):
@@ -448,6 +639,7 @@ class Config(_Model):
     sources: list[SourceConfig] = Field(default_factory=list)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     meters: list[MeterConfig] = Field(default_factory=list)
+    meter_patterns: list[MeterPattern] = Field(default_factory=list)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     influxdb: InfluxConfig | None = None
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -482,9 +674,11 @@ class Config(_Model):
                 scopes = [("main", r.main), ("parts", r.parts)]
             for key, scope in scopes:
                 kind, _, name = scope.partition(":")
-                if kind == "meter" and name not in seen:
+                if kind == "meter" and name not in seen and not any(
+                        p.could_give("id", name) for p in self.meter_patterns):
                     problems.append(f"rules[{i}].{key}: no meter with id {name!r}")
-                if kind == "group" and name not in groups:
+                if kind == "group" and name not in groups and not any(
+                        p.could_give("group", name) for p in self.meter_patterns):
                     problems.append(f"rules[{i}].{key}: no meter is in group {name!r}")
         if not self.sources:
             problems.append("sources: at least one [[sources]] entry is needed")
@@ -503,6 +697,43 @@ class Config(_Model):
 
     def meter_for_device(self) -> dict[str, MeterConfig]:
         return {d: m for m in self.meters for d in m.devices}
+
+    def pattern_meter(self, device: str) -> MeterConfig | None:
+        """The entry the first matching ``[[meter_patterns]]`` entry gives ``device``
+        (None when none matches, or when its id is a ``[[meters]]`` entry's).  Does not
+        look at ``[[meters]]`` devices: see :class:`MeterResolver` for the precedence."""
+        for p in self.meter_patterns:
+            mc = p.meter(device)
+            if mc is not None:
+                return None if any(m.id == mc.id for m in self.meters) else mc
+        return None
+
+    def pattern_meters(self, rows: Iterable[tuple[str, str]]) -> dict[str, MeterConfig]:
+        """Of the stored meters (``(id, device)`` rows), those a ``[[meter_patterns]]``
+        entry configures, by id (a pattern's meters exist once they reported)."""
+        if not self.meter_patterns:
+            return {}
+        by_device = self.meter_for_device()
+        ids = {m.id for m in self.meters}
+        out: dict[str, MeterConfig] = {}
+        for meter_id, device in rows:
+            if meter_id in ids or device in by_device:
+                continue
+            mc = self.pattern_meter(device)
+            if mc is not None and mc.id == meter_id:
+                out[meter_id] = mc
+        return out
+
+    def meter_config(self, meter_id: str, device: str) -> MeterConfig | None:
+        """The entry of a stored meter (``meters`` row id and device): its ``[[meters]]``
+        entry, else the pattern entry of its device when that gives this id."""
+        for m in self.meters:
+            if m.id == meter_id:
+                return m
+        if any(device in m.devices for m in self.meters):
+            return None
+        mc = self.pattern_meter(device)
+        return mc if mc is not None and mc.id == meter_id else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -523,6 +754,14 @@ def _read_toml(path: Path, where: str) -> dict[str, Any]:
         raise ConfigError([f"{where}: file not found: {path}"]) from exc
     except PermissionError as exc:
         raise ConfigError([f"{where}: cannot read {path}: permission denied"]) from exc
+    except IsADirectoryError as exc:
+        raise ConfigError([f"{where}: {path} is a directory, not a TOML file "
+                           "(give the file, e.g. --config /etc/energy-monitor/config.toml)"]
+                          ) from exc
+    except OSError as exc:
+        raise ConfigError([f"{where}: cannot read {path}: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{where}: {path} is not valid TOML: not UTF-8 text"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{where}: {path} is not valid TOML: {exc}"]) from exc
 
@@ -539,17 +778,134 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_with_includes(path: Path, depth: int = 0) -> dict[str, Any]:
+def _load_with_includes(path: Path, depth: int = 0,
+                        origins: dict[KeyPath, Origin] | None = None) -> dict[str, Any]:
+    """The merged data of ``path`` and its includes.  ``origins``, when given, is filled
+    with the file and line of every key (paths as in the merged data)."""
     if depth > 8:
         raise ConfigError([f"include: nested too deep at {path} (a cycle?)"])
     data = _read_toml(path, "include" if depth else "config")
     includes = data.pop("include", [])
     if not isinstance(includes, list) or not all(isinstance(p, str) for p in includes):
-        raise ConfigError(["include: must be a list of file paths"])
+        raise ConfigError([_located("include: must be a list of file paths",
+                                    _file_origins(path))])
     merged: dict[str, Any] = {}
     for inc in includes:
-        merged = _merge(merged, _load_with_includes(path.parent / inc, depth + 1))
+        sub: dict[KeyPath, Origin] | None = {} if origins is not None else None
+        part = _load_with_includes(path.parent / inc, depth + 1, sub)
+        if origins is not None and sub is not None:
+            origins.update({_shift(k, merged): v for k, v in sub.items()})
+        merged = _merge(merged, part)
+    if origins is not None:
+        origins.update({_shift(k, merged): v for k, v in _file_origins(path).items()})
     return _merge(merged, data)
+
+
+# --------------------------------------------------------------------------- error locations
+#
+# tomllib keeps no positions, so a light line scanner finds where each key and table
+# header is written; errors then say "(FILE, line N)" after the dotted key.
+
+KeyPath = tuple[str | int, ...]
+Origin = tuple[str, int]  # file as given, 1-based line
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+                     r"""(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _key_parts(dotted: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in re.findall(
+        r"""\s*("[^"]*"|'[^']*'|[^.]+)\s*(?:\.|$)""", dotted)]
+
+
+def _scan_lines(text: str, file: str) -> dict[KeyPath, Origin]:
+    """Where each table header and key of one TOML text is (best effort: keys inside
+    multi-line arrays and strings are attributed to the enclosing key)."""
+    out: dict[KeyPath, Origin] = {}
+    counts: dict[KeyPath, int] = {}
+    table: KeyPath = ()
+    depth = 0  # open brackets/braces of a value spanning lines
+    in_string = ""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if in_string:
+            if in_string in line:
+                in_string = ""
+            continue
+        if depth == 0:
+            h = _HEADER_RE.match(line)
+            if h is not None:
+                parts = _key_parts(h.group(2))
+                resolved: list[str | int] = []
+                for name in parts:
+                    resolved.append(name)
+                    if tuple(resolved) in counts and name is not parts[-1]:
+                        resolved.append(counts[tuple(resolved)] - 1)
+                if h.group(1) == "[[":
+                    key = tuple(resolved)
+                    counts[key] = counts.get(key, 0) + 1
+                    resolved.append(counts[key] - 1)
+                table = tuple(resolved)
+                out.setdefault(table, (file, lineno))
+                continue
+            k = _KEY_RE.match(line)
+            if k is not None:
+                out.setdefault((*table, *_key_parts(k.group(1))), (file, lineno))
+        value = re.sub(r'"(?:[^"\\]|\\.)*"' "|'[^']*'", "", line.split("=", 1)[-1]
+                       if depth == 0 else line)
+        if '"""' in value or "'''" in value:
+            quote = '"""' if '"""' in value else "'''"
+            if value.count(quote) % 2:
+                in_string = quote
+            continue
+        value = value.split("#", 1)[0]
+        depth = max(0, depth + value.count("[") + value.count("{")
+                    - value.count("]") - value.count("}"))
+    return out
+
+
+def _file_origins(path: Path) -> dict[KeyPath, Origin]:
+    try:
+        return _scan_lines(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    except OSError:
+        return {}
+
+
+def _shift(key: KeyPath, base: Mapping[str, Any]) -> KeyPath:
+    """``key`` of a file merged over ``base``: indexes into an array of tables that
+    ``base`` also has move past ``base``'s items (arrays are concatenated)."""
+    out: list[str | int] = []
+    node: Any = base
+    i = 0
+    while i < len(key):
+        part = key[i]
+        out.append(part)
+        child = node.get(part) if isinstance(node, Mapping) and isinstance(part, str) else None
+        if isinstance(child, list) and i + 1 < len(key) and isinstance(key[i + 1], int):
+            out.append(int(key[i + 1]) + len(child))
+            node, i = None, i + 2
+            continue
+        node, i = child, i + 1
+    return tuple(out)
+
+
+_PROBLEM_KEY_RE = re.compile(r"^([A-Za-z0-9_-]+(?:\[\d+\])*(?:\.[A-Za-z0-9_-]+(?:\[\d+\])*)*):")
+
+
+def _located(problem: str, origins: Mapping[KeyPath, Origin]) -> str:
+    """``problem`` with ``(FILE, line N)`` of its dotted key (the nearest written
+    enclosing key or table), when known."""
+    m = _PROBLEM_KEY_RE.match(problem)
+    if m is None or not origins:
+        return problem
+    key: list[str | int] = []
+    for name, index in re.findall(r"([A-Za-z0-9_-]+)|\[(\d+)\]", m.group(1)):
+        key.append(name if name else int(index))
+    while key:
+        where = origins.get(tuple(key))
+        if where is not None:
+            return f"{problem} ({where[0]}, line {where[1]})"
+        key.pop()
+    return problem
 
 
 def _expand(node: Any, key: str, problems: list[str], base_dir: Path,
@@ -612,12 +968,22 @@ def _loc(loc: tuple[int | str, ...], data: Any) -> str:
     return "".join(parts)
 
 
-def parse(data: dict[str, Any], base_dir: Path = Path(), *, secrets: bool = True) -> Config:
+def parse(data: dict[str, Any], base_dir: Path = Path(), *, secrets: bool = True,
+          origins: Mapping[KeyPath, Origin] | None = None) -> Config:
     """Validate already-read TOML data.  Raises :class:`ConfigError`.
 
     ``secrets=False`` skips ``*_file`` secrets and tolerates unset ``${ENV}``
     variables (they expand to ""), for commands that only read the store.
+    ``origins`` (see :func:`load`) lets the error say which file and line.
     """
+    try:
+        return _parse(data, base_dir, secrets)
+    except ConfigError as exc:
+        exc.located = [_located(p, origins or {}) for p in exc.problems]
+        raise
+
+
+def _parse(data: dict[str, Any], base_dir: Path, secrets: bool) -> Config:
     problems: list[str] = []
     expanded = _expand(data, "", problems, base_dir, secrets)
     if problems:
@@ -640,5 +1006,6 @@ def parse(data: dict[str, Any], base_dir: Path = Path(), *, secrets: bool = True
 def load(path: Path | str | None = None, *, secrets: bool = True) -> Config:
     """Read, merge, expand and validate a configuration file.  Raises :class:`ConfigError`."""
     p = Path(path) if path is not None else default_path()
-    data = _load_with_includes(p)
-    return parse(data, p.parent, secrets=secrets)
+    origins: dict[KeyPath, Origin] = {}
+    data = _load_with_includes(p, origins=origins)
+    return parse(data, p.parent, secrets=secrets, origins=origins)

@@ -28,17 +28,20 @@ class Planner:
     def resolve(self, scope: str, conn: sqlite3.Connection | None = None) -> tuple[str, ...]:
         """The meter ids of ``scope`` (``site``, ``group:NAME``, ``meter:ID``), from the config.
 
-        ``site`` is every configured meter; a site without ``[[meters]]`` uses every
+        ``site`` is every configured meter (with ``conn``: and every meter a
+        ``[[meter_patterns]]`` entry configured); a site without either uses every
         meter the store has seen (``conn`` needed).  Raises :class:`ActionsError`
         for an unknown group or meter.
         """
         kind, _, name = scope.partition(":")
+        if conn is not None and self.config.meter_patterns:  # meters patterns configure
+            self.meters.update(self.config.pattern_meters(repo.meter_devices(conn)))
         if scope == "site":
             if self.meters or conn is None:
                 return tuple(self.meters)
             return repo.meter_ids(conn)
         if kind == "group" and name:
-            found = tuple(m.id for m in self.config.meters if m.group == name)
+            found = tuple(m.id for m in self.meters.values() if m.group == name)
             if not found:
                 raise ActionsError(f"scope {scope!r}: no meter is in group {name!r}")
             return found

@@ -48,6 +48,7 @@ class Publisher:
         ack_timeout_s: float = ACK_TIMEOUT_S,
         retry_s: float = PUBLISH_RETRY_S,
     ) -> None:
+        self.config = config
         self.cfg = config.actions
         self.publish = publish
         self.clock = clock
@@ -86,6 +87,8 @@ class Publisher:
             return 0
         sent = 0
         with self._lock:
+            if self.config.meter_patterns:  # the controls of meters patterns configure
+                self._meters.update(self.config.pattern_meters(repo.meter_devices(conn)))
             t = self.clock() if now is None else now
             due = repo.publication_due(conn, t)
             if not due:

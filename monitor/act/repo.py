@@ -215,6 +215,11 @@ def meter_ids(conn: sqlite3.Connection) -> tuple[str, ...]:
     return tuple(str(r[0]) for r in conn.execute("SELECT id FROM meters ORDER BY id"))
 
 
+def meter_devices(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    """Every meter the store has seen, as (id, device)."""
+    return [(str(i), str(d)) for i, d in conn.execute("SELECT id, device FROM meters")]
+
+
 def power(conn: sqlite3.Connection) -> dict[str, MeterPower]:
     """Every meter's last power and time, as the intake last committed them."""
     return {

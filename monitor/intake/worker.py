@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from paho.mqtt.client import topic_matches_sub
 
-from monitor.config import Config, CurtailmentRule
+from monitor.config import Config, CurtailmentRule, MeterResolver
 from monitor.core import accounting
 from monitor.core.accounting import MeterParams, MeterState
 from monitor.core.model import (
@@ -163,7 +163,8 @@ class Intake:
         self._registry = DiscoveryRegistry(prefix) if prefix else None
         self._parsers = [make_parser(s.format, s.options, self._registry, s.topic)
                          for s in c.sources]
-        self._by_device = c.meter_for_device()
+        # [[meters]] entries by device, then [[meter_patterns]] (config.MeterResolver)
+        self._by_device = MeterResolver(c)
         self._configured = {m.id: m for m in c.meters}
         self._dirty: set[str] = set()
         self._counts: dict[tuple[str, str], int] = {}  # metrics, added once per batch
@@ -183,7 +184,7 @@ class Intake:
             self._meters[row.id] = self._new_meter(row.id, row.device, row.format,
                                                    MeterState.from_json(row.acct),
                                                    row.online, row.last_seen)
-            if row.id not in self._configured:
+            if row.id not in self._configured and self._by_device.get(row.device) is None:
                 self._unconfigured += 1
 
     # ------------------------------------------------------------------ meters
@@ -191,6 +192,9 @@ class Intake:
     def _new_meter(self, meter_id: str, device: str, fmt: str, state: MeterState,
                    online: bool = True, last_seen: float | None = None) -> _Meter:
         mc = self._configured.get(meter_id)
+        if mc is None and self.config.meter_patterns:  # a pattern's meter, if it is this id
+            pm = self._by_device.get(device)
+            mc = pm if pm is not None and pm.id == meter_id else None
         ic = self.config.intake
         params = MeterParams(
             rated_kw=mc.rated_kw if mc else None,

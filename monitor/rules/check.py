@@ -28,13 +28,14 @@ from monitor.outputs.lineproto import rule_line
 from monitor.rules import alerts
 from monitor.rules import evaluate as rules
 from monitor.rules.alerts import AlertState, AlertStore
-from monitor.store import audit
+from monitor.store import audit, kv
 from monitor.store.ledger import Store
 
 log = logging.getLogger(__name__)
 
 STATE_INT = {"ok": 0, "warning": 1, "breach": 2}
 MAX_UNKNOWN_EVENTS = 20  # meter.unknown events per check
+LAST_CHECK_KEY = "check.last"  # kv: the time of the last completed check
 
 
 class OrderSink(Protocol):
@@ -69,7 +70,8 @@ def build_snapshot(store: Store, config: Config, now: float,
     # fresh meters: the span of their accounted data (first reading .. last reading)
     reported: dict[str, tuple[float, float]] = {}
     for row in store.meters():
-        mc = configured.get(row.id)
+        mc = configured.get(row.id) or (
+            config.meter_config(row.id, row.device) if config.meter_patterns else None)
         interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
         fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
         if fresh and row.last_seen is not None:
@@ -171,6 +173,7 @@ class Checker:
                 if v.ratio is not None:
                     self.metrics.rule_ratio.labels(v.rule, v.scope).set(v.ratio)
             res.events += self._unknown_meters(conn, now)
+            kv.put(conn, LAST_CHECK_KEY, repr(now))  # `status` shows "as of" this
             # a rule removed from the config (or no longer matching the site) leaves
             # no stale state behind in `status`
             current = {(v.rule, v.scope) for v in verdicts}
@@ -189,11 +192,16 @@ class Checker:
         ``MAX_UNKNOWN_EVENTS`` per check; the rest are noticed by the next checks."""
         configured = [m.id for m in self.config.meters]
         marks = ",".join("?" * len(configured))
+        patterns = bool(self.config.meter_patterns)
         rows = conn.execute(
             "SELECT id, device, format, first_seen FROM meters WHERE first_seen IS NOT NULL"
             f"{f' AND id NOT IN ({marks})' if configured else ''}"
             " AND id NOT IN (SELECT meter FROM meter_notices WHERE kind = 'meter.unknown')"
-            " ORDER BY first_seen, id LIMIT ?", (*configured, MAX_UNKNOWN_EVENTS + 1)).fetchall()
+            f" ORDER BY first_seen, id{'' if patterns else ' LIMIT ?'}",
+            (*configured, *(() if patterns else (MAX_UNKNOWN_EVENTS + 1,)))).fetchall()
+        if patterns:  # meters a [[meter_patterns]] entry configures are known
+            rows = [r for r in rows
+                    if self.config.meter_config(str(r[0]), str(r[1])) is None]
         if not rows:
             return 0
         shown = rows[:MAX_UNKNOWN_EVENTS]
@@ -201,7 +209,6 @@ class Checker:
         for mid, device, fmt, first in shown:
             msg = (f"unknown device {device} ({fmt}) is reporting as meter {mid}, outside "
                    "every group and without a control topic: add it to [[meters]]")
-            log.warning("meter.unknown meter=%s device=%s format=%s", mid, device, fmt)
             emit(conn, self.config, {
                 "kind": "meter.unknown", "severity": "warning", "rule": "",
                 "scope": f"meter:{mid}", "message": msg, "value": None, "limit": None,

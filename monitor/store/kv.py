@@ -12,6 +12,7 @@ key or prefix               what                                       owner
 ``export.outbox``
 ``webhooks.hold.<hook>``    a failing webhook's hold-until time        monitor.outputs
 ``audit.head``              the audit chain's anchor                   monitor.store
+``check.last``              the time of the last check (``status``)     monitor.rules
 ==========================  =========================================  ===============
 
 All functions take the caller's connection and run inside the caller's

@@ -25,7 +25,8 @@ class Table(NamedTuple):
 #: :mod:`monitor.store.kv`, whose docstring lists which package owns which key.
 TABLES: dict[str, Table] = {
     "schema_migrations": Table("monitor.store", (), "migrations applied"),
-    "meters": Table("monitor.store", ("monitor.act", "monitor.outputs", "monitor.rules"),
+    "meters": Table("monitor.store", ("monitor.act", "monitor.app", "monitor.outputs",
+                                      "monitor.rules"),
                     "every meter seen: identity, last reading, accounting state"),
     "readings": Table("monitor.store", ("monitor.outputs",), "raw readings (retention)"),
     "ledger": Table("monitor.store", ("monitor.report",), "mWh per meter per 15 min"),
@@ -33,7 +34,8 @@ TABLES: dict[str, Table] = {
     "monthly": Table("monitor.store", (), "mWh per meter per local month"),
     "gaps": Table("monitor.store", ("monitor.report",), "data gaps and their bounds"),
     "anomalies": Table("monitor.store", ("monitor.report",), "resets, jumps, jitter"),
-    "dead_letters": Table("monitor.store", ("monitor.report",), "refused messages, whole"),
+    "dead_letters": Table("monitor.store", ("monitor.app", "monitor.report"),
+                          "refused messages, whole"),
     "intake_outcomes": Table("monitor.store", (), "counted ignored/skipped reasons"),
     "msg_seen": Table("monitor.store", (), "redelivery fingerprints"),
     "signals": Table("monitor.store", ("monitor.rules",), "latest curtailment requests"),
