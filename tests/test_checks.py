@@ -84,7 +84,7 @@ limit_kwh = 10''')
     st.close()
 
 
-def test_window_energy_of_a_fresh_meter_is_scaled_to_the_whole_window(tmp_path: Path) -> None:
+def test_window_energy_of_a_fresh_meter_is_divided_by_the_time_it_covers(tmp_path: Path) -> None:
     """A Tasmota at its default 300 s TelePeriod: the last interval before `now` has no
     reading yet, so a 900 s power-cap window would read a third low without scaling."""
     cfg = CFG.replace('''[[rules]]
@@ -104,8 +104,12 @@ window_s = 900''')
             for i in range(4)]  # 3 kW; the last reading is 100 s before `now`
     intake.handle(msgs)
     snap = build_snapshot(st, c, now)
-    avg_kw = snap.window_kwh[900.0]["never"] / 900 * 3600
+    # the energy covers the window up to the last reading, and the snapshot says so
+    assert snap.window_covered_s[900.0]["never"] == pytest.approx(800.0)
+    avg_kw = snap.window_kwh[900.0]["never"] / snap.window_covered_s[900.0]["never"] * 3600
     assert avg_kw == pytest.approx(3.0, rel=1e-6)
+    (v,) = rules.evaluate_all(c.rules, snap)
+    assert v.value == pytest.approx(3.0, rel=1e-6)
     # a meter that went quiet is not carried forward
     quiet = build_snapshot(st, c, now + 1000)
     assert quiet.window_kwh[900.0].get("never", 0.0) < 0.25

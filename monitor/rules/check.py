@@ -81,7 +81,8 @@ def build_snapshot(store: Store, config: Config, now: float,
             rated_kw=mc.rated_kw if mc else None,
             last_seen=row.last_seen if row.last_seen is not None else watching_since,
             online=row.online,
-            power_w=row.power_w if fresh else None, expected_interval_s=interval)
+            power_w=row.power_w if fresh else None, expected_interval_s=interval,
+            first_seen=row.first_seen if row.last_seen is not None else None)
     period_kwh: dict[str, dict[str, float]] = {}
     period_gap: dict[str, dict[str, float]] = {}
     for period in rules.periods_needed(config.rules):
@@ -94,8 +95,11 @@ def build_snapshot(store: Store, config: Config, now: float,
             totals = store.monthly_totals(first[:7], today[:7])
         period_kwh[period] = {m: v[0] for m, v in totals.items()}
         period_gap[period] = {m: v[1] for m, v in totals.items()}
-    windows = {w: _up_to_now(store.energy_between(now - w, now), w, now, reported)
-               for w in rules.windows_needed(config.rules)}
+    windows: dict[float, dict[str, float]] = {}
+    covered: dict[float, dict[str, float]] = {}
+    for w in rules.windows_needed(config.rules):
+        windows[w] = store.energy_between(now - w, now)
+        covered[w] = _covered(windows[w], w, now, reported, meters)
     signals = {
         topic: Signal(target_kw=kw if kw is not None else 0.0,
                             until=until if until is not None else 0.0, received_at=at)
@@ -103,31 +107,36 @@ def build_snapshot(store: Store, config: Config, now: float,
             "SELECT topic, target_kw, until, received_at FROM signals")
     }
     return rules.Snapshot(now=now, site=config.site, meters=meters, period_kwh=period_kwh,
-                          period_gap_kwh=period_gap, window_kwh=windows, signals=signals)
+                          period_gap_kwh=period_gap, window_kwh=windows, signals=signals,
+                          window_covered_s=covered)
 
 
-def _up_to_now(kwh: dict[str, float], window_s: float, now: float,
-               reported: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Scale each fresh meter's window energy from the span its readings cover to the
-    whole window.
+def _covered(kwh: dict[str, float], window_s: float, now: float,
+             reported: dict[str, tuple[float, float]],
+             meters: dict[str, rules.MeterSnapshot]) -> dict[str, float]:
+    """The seconds of ``[now - window_s, now]`` each meter's window energy covers.
 
     A meter's energy is accounted up to its last reading, so the last reporting
-    interval of a window is always missing: a Tasmota at its default 300 s
-    TelePeriod would read up to a third low over a 900 s power-cap window, and
-    a cap would breach late.  Only meters that are fresh (reported within twice
-    their interval) and cover at least half the window are scaled; a silent or
-    offline meter is never carried forward.  A meter first seen inside the
-    window covers only the span since then.
+    interval of a window has no reading yet (a Tasmota at its default 300 s
+    TelePeriod would read up to a third low over a 900 s window), and a meter
+    first seen inside the window has data only since then (two minutes of a
+    new rig are two minutes, not an hour).  A fresh meter (reported within
+    twice its interval) covers from ``max(window start, first reading)`` to its
+    last reading.  A silent or offline meter is never carried forward: it
+    covers from ``max(window start, first reading)`` to ``now``, its silence
+    counted as time observed with nothing used.  The rules divide by this
+    (:meth:`monitor.rules.evaluate.ScopeIndex.rate_kw`).
     """
     start = now - window_s
-    out = dict(kwh)
-    for meter, value in kwh.items():
+    out: dict[str, float] = {}
+    for meter in kwh:
         span = reported.get(meter)
-        if span is None or not start < span[1] < now:
+        if span is not None and start < span[1] <= now:
+            out[meter] = max(0.0, span[1] - max(start, span[0]))
             continue
-        covered = span[1] - max(start, span[0])
-        if covered >= window_s / 2:
-            out[meter] = value * window_s / covered
+        m = meters.get(meter)
+        first = m.first_seen if m is not None else None
+        out[meter] = window_s if first is None else max(0.0, now - max(start, first))
     return out
 
 

@@ -75,7 +75,9 @@ class MeterSnapshot:
     ``last_seen`` is the time of its last reading (``None``: never seen);
     ``online`` is False after its last will said offline; ``power_w`` is its
     latest power (``None``: unknown or stale); ``expected_interval_s`` how often
-    it normally reports (the meter's own setting, else the intake default).
+    it normally reports (the meter's own setting, else the intake default);
+    ``first_seen`` the time of its first reading ever (``None``: never seen, or
+    not known to the caller), which tells whether a window is full of data yet.
     """
 
     id: str
@@ -85,6 +87,7 @@ class MeterSnapshot:
     online: bool
     power_w: float | None
     expected_interval_s: float
+    first_seen: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ class Snapshot:
     window_kwh: Mapping[float, Mapping[str, float]]
     # curtailment topic -> latest signal
     signals: Mapping[str, Signal] = field(default_factory=dict)
+    # window_s -> meter -> seconds of [now - window_s, now] that the meter's window_kwh
+    # covers (see :func:`monitor.rules.check.build_snapshot`); a window or meter that
+    # is absent counts as covering the whole window
+    window_covered_s: Mapping[float, Mapping[str, float]] = field(default_factory=dict)
 
     @cached_property
     def index(self) -> ScopeIndex:
@@ -140,6 +147,10 @@ class ScopeIndex:
         self._sets: dict[str, frozenset[str]] = {}
         self._power: tuple[float | None, dict[str, float]] | None = None
         self._periods: dict[str, tuple[float, float, str]] = {}
+        # (window_s, min_cover) -> meter -> kW over the time its data covers
+        self._rates: dict[tuple[float, float], dict[str, float]] = {}
+        # window_s -> (site, group -> earliest first_seen)
+        self._first: tuple[float | None, dict[str, float]] | None = None
 
     def members(self, scope: str) -> tuple[str, ...]:
         kind, _, name = scope.partition(":")
@@ -202,6 +213,54 @@ class ScopeIndex:
             return None if total_w is None else total_w / 1000.0
         got = groups_w.get(name)
         return None if got is None else got / 1000.0
+
+    def rate_kw(self, window_s: float, scope: str, min_cover_s: float = 0.0) -> float:
+        """The average power of ``scope`` in ``[now - window_s, now]``, in kW: each
+        meter's window energy divided by the time its data covers
+        (``Snapshot.window_covered_s``), summed.  A meter covering less than
+        ``min_cover_s`` (or nothing) is divided by the whole window."""
+        key = (window_s, min_cover_s)
+        rates = self._rates.get(key)
+        if rates is None:
+            energy = _need_window(self.snap, window_s)
+            covered = self.snap.window_covered_s.get(window_s, {})
+            rates = {}
+            for mid, kwh in energy.items():
+                span = min(window_s, covered.get(mid, window_s))
+                if span <= 0 or span < min_cover_s:
+                    span = window_s
+                rates[mid] = kwh * 3600.0 / span
+            self._rates[key] = rates
+        return self.total(rates, scope)
+
+    def observed_s(self, window_s: float, scope: str) -> float:
+        """How much of ``[now - window_s, now]`` the scope has been observed: from its
+        meters' earliest first reading (``MeterSnapshot.first_seen``) to ``now``, at
+        most the window.  A snapshot without first-seen times and without coverage
+        of this window reads as full (callers that know nothing are not warming up)."""
+        if self._first is None:
+            site: float | None = None
+            groups: dict[str, float] = {}
+            for m in self.snap.meters.values():
+                if m.first_seen is None:
+                    continue
+                site = m.first_seen if site is None else min(site, m.first_seen)
+                g = groups.get(m.group)
+                groups[m.group] = m.first_seen if g is None else min(g, m.first_seen)
+            self._first = (site, groups)
+        kind, _, name = scope.partition(":")
+        if kind == "meter":
+            one = self.snap.meters.get(name)
+            first = None if one is None else one.first_seen
+        elif kind == "group":
+            first = self._first[1].get(name)
+        else:
+            first = self._first[0]
+        if first is None:
+            if self._first[0] is None and window_s not in self.snap.window_covered_s:
+                return window_s
+            return 0.0
+        return max(0.0, min(window_s, self.snap.now - first))
 
     def period(self, period: str) -> tuple[float, float, str]:
         got = self._periods.get(period)
@@ -299,12 +358,39 @@ def _listing(names: Sequence[str], what: Mapping[str, str] | None = None) -> str
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
 
-def _num(x: float) -> str:
-    return f"{x:.1f}"
+#: a message's figures step by at most this fraction of their reference (the limit)
+FIGURE_STEP = 0.05
+_MAX_DECIMALS = 6
 
 
-def _lim(x: float) -> str:
-    return f"{x:g}"
+def _decimals(ref: float | None) -> int:
+    if ref is None or not math.isfinite(ref) or ref == 0:
+        return 1
+    need = math.ceil(math.log10(1.0 / (FIGURE_STEP * abs(ref))) - 1e-9)
+    own = f"{abs(ref):.{_MAX_DECIMALS}f}".rstrip("0").partition(".")[2]
+    return min(_MAX_DECIMALS, max(1, need, len(own)))
+
+
+def figure(x: float, ref: float | None = None, *, exact: bool = False) -> str:
+    """``x`` with as many decimals as its reference ``ref`` (usually the limit) needs:
+    steps of at most 5% of ``ref``, at least one decimal, and never fewer than ``ref``
+    itself has.  ``exact`` is for a configured number (a limit): whole numbers are
+    written without decimals.  Every message of the rules writes its figures with
+    this, so "0.27 of 0.30 kWh" and "4812.0 of 6000 kWh" come from the same rule.
+
+    >>> figure(0.27, 0.3), figure(0.3, 0.3, exact=True), figure(6000, 6000, exact=True)
+    ('0.27', '0.30', '6000')
+    """
+    if exact and float(x).is_integer() and abs(x) < 1e15:
+        return f"{x:.0f}"
+    return f"{x:.{_decimals(x if ref is None else ref)}f}"
+
+
+def _span_note(observed_s: float, window_s: float) -> str:
+    """``"warming up: 2 min of 1 h observed"`` (the label of a window not yet full)."""
+    seen = "no data yet" if observed_s <= 0 else f"{human_duration(observed_s)} of " \
+        f"{human_duration(window_s)} observed"
+    return f"warming up: {seen}"
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -345,22 +431,28 @@ def _energy_cap(rule: EnergyCapRule, snap: Snapshot) -> Verdict:
     gap = idx.total(gaps_by_meter, rule.scope)
     value = accounted + gap if rule.conservative else accounted
     limit = rule.limit_kwh
-    rate_kw = idx.total(_need_window(snap, RUN_RATE_WINDOW_S), rule.scope) * 3600.0 / (
-        RUN_RATE_WINDOW_S
-    )
+    # the run rate: the last hour's energy over the time its data covers, so that a
+    # meter that has reported for two minutes projects its real power, not 1/30 of it
+    rate_kw = idx.rate_kw(RUN_RATE_WINDOW_S, rule.scope)
+    observed = idx.observed_s(RUN_RATE_WINDOW_S, rule.scope)
+    warming = observed < RUN_RATE_WINDOW_S
+    warm_note = f" ({_span_note(observed, RUN_RATE_WINDOW_S)} for the run rate)" if warming \
+        else ""
     left_s = max(0.0, end - now)
     projected = value + rate_kw * left_s / 3600.0
     ratio = value / limit
     remaining = max(0.0, limit - value)
     target_kw = remaining * 3600.0 / left_s if left_s > 0 else 0.0
     word = _PERIOD_WORD[rule.period]
-    gap_note = f" (incl. up to {_num(gap)} kWh of data gaps)" if rule.conservative and gap else ""
+    gap_note = (f" (incl. up to {figure(gap, limit)} kWh of data gaps)"
+                if rule.conservative and gap else "")
+    of_limit = f"{figure(value, limit)} of {figure(limit, limit, exact=True)} kWh"
     state: State
     if value >= limit:
         state, level, to_limit = "breach", 1.0, 0.0
         target_kw = 0.0
         message = (
-            f"{word} limit reached: {_num(value)} of {_lim(limit)} kWh in {label}{gap_note}"
+            f"{word} limit reached: {of_limit} in {label}{gap_note}"
         )
     else:
         level = _level(ratio, rule.warn_at)
@@ -368,8 +460,8 @@ def _energy_cap(rule: EnergyCapRule, snap: Snapshot) -> Verdict:
         to_limit = remaining * 3600.0 / rate_kw if rate_kw > 0 else math.inf
         pct = math.floor(ratio * 100)
         message = (
-            f"{pct}% of the {word} limit used: {_num(value)} of {_lim(limit)} kWh{gap_note}; "
-            f"projected {_num(projected)} kWh by the end of {label}"
+            f"{pct}% of the {word} limit used: {of_limit}{gap_note}; "
+            f"projected {figure(projected, limit)} kWh by the end of {label}{warm_note}"
         )
     return Verdict(
         rule=rule.id,
@@ -392,6 +484,9 @@ def _energy_cap(rule: EnergyCapRule, snap: Snapshot) -> Verdict:
             "gap_kwh": gap,
             "conservative": rule.conservative,
             "run_rate_kw": rate_kw,
+            "run_rate_window_s": RUN_RATE_WINDOW_S,
+            "observed_s": observed,
+            "warming_up": warming,
             "period_start": start,
             "period_end": end,
             "seconds_left": left_s,
@@ -401,24 +496,26 @@ def _energy_cap(rule: EnergyCapRule, snap: Snapshot) -> Verdict:
 
 def _power_cap(rule: PowerCapRule, snap: Snapshot) -> Verdict:
     idx = snap.index
-    kwh = idx.total(_need_window(snap, float(rule.window_s)), rule.scope)
-    avg_kw = kwh * 3600.0 / rule.window_s
+    window_s = float(rule.window_s)
+    # the average over the time the data covers: right from the first minute, and not
+    # a third low when the last reporting interval of the window has no reading yet
+    avg_kw = idx.rate_kw(window_s, rule.scope)
+    observed = idx.observed_s(window_s, rule.scope)
+    warming = observed < window_s
     limit = rule.limit_kw
     ratio = avg_kw / limit
     window = human_duration(rule.window_s)
+    over = f"over {window}" + (f" ({_span_note(observed, window_s)})" if warming else "")
+    avg = figure(avg_kw, limit)
+    lim = figure(limit, limit, exact=True)
     state: State
     if ratio >= 1.0:
         state, level = "breach", 1.0
-        message = (
-            f"average {_num(avg_kw)} kW over {window} is at or above the limit {_lim(limit)} kW"
-        )
+        message = f"average {avg} kW {over} is at or above the limit {lim} kW"
     else:
         level = _level(ratio, rule.warn_at)
         state = "warning" if level > 0 else "ok"
-        message = (
-            f"average {_num(avg_kw)} kW over {window}: {math.floor(ratio * 100)}% "
-            f"of the limit {_lim(limit)} kW"
-        )
+        message = f"average {avg} kW {over}: {math.floor(ratio * 100)}% of the limit {lim} kW"
     return Verdict(
         rule=rule.id,
         kind=rule.kind,
@@ -433,7 +530,8 @@ def _power_cap(rule: PowerCapRule, snap: Snapshot) -> Verdict:
         meters=idx.members(rule.scope),
         # ordering the scope to exactly the limit would never let the breach clear
         target_kw=limit * rule.clear_below,
-        detail={"window_s": rule.window_s, "clear_below": rule.clear_below, "hold_s": rule.hold_s},
+        detail={"window_s": rule.window_s, "clear_below": rule.clear_below, "hold_s": rule.hold_s,
+                "observed_s": observed, "warming_up": warming},
     )
 
 
@@ -633,7 +731,8 @@ def _curtailment(rule: CurtailmentRule, snap: Snapshot) -> Verdict:
     if sig is not None and sig.active(snap.now):
         state, limit = "breach", sig.target_kw
         message = (
-            f"curtailment requested on {rule.topic}: at most {_lim(sig.target_kw)} kW until "
+            f"curtailment requested on {rule.topic}: at most "
+            f"{figure(sig.target_kw, sig.target_kw, exact=True)} kW until "
             f"{rfc3339(sig.until)} (in {human_duration(sig.until - snap.now)})"
         )
     elif sig is not None:
@@ -662,9 +761,12 @@ def _curtailment(rule: CurtailmentRule, snap: Snapshot) -> Verdict:
 
 def _reconcile(rule: ReconcileRule, snap: Snapshot) -> Verdict:
     idx = snap.index
-    window = _need_window(snap, float(rule.window_s))
-    main = idx.total(window, rule.main)
-    parts = idx.total(window, rule.parts)
+    window_s = float(rule.window_s)
+    # energy as if over the whole window: a meter covering at least half of it is
+    # scaled from the time its data covers (its last reporting interval has no reading
+    # yet), so a main meter at a 300 s interval is not compared a third low
+    main = idx.rate_kw(window_s, rule.main, window_s / 2) * window_s / 3600.0
+    parts = idx.rate_kw(window_s, rule.parts, window_s / 2) * window_s / 3600.0
     floor_kwh = RECONCILE_MIN_MAIN_KW * rule.window_s / 3600.0
     span = human_duration(rule.window_s)
     members = tuple(dict.fromkeys((*idx.members(rule.main), *idx.members(rule.parts))))
@@ -675,15 +777,17 @@ def _reconcile(rule: ReconcileRule, snap: Snapshot) -> Verdict:
     if main < floor_kwh:
         detail["skipped"] = True
         message = (
-            f"not compared: {rule.main} used {main:.3f} kWh over {span}, below the "
-            f"{_lim(RECONCILE_MIN_MAIN_KW)} kW average needed for a meaningful comparison"
+            f"not compared: {rule.main} used {figure(main, floor_kwh)} kWh over {span}, "
+            f"below the {figure(RECONCILE_MIN_MAIN_KW, RECONCILE_MIN_MAIN_KW, exact=True)} kW "
+            "average needed for a meaningful comparison"
         )
     else:
         value = abs(main - parts) / main
         ratio = value / rule.tolerance
         state = "breach" if value > rule.tolerance else "ok"
         message = (
-            f"{rule.main} {_num(main)} kWh vs {rule.parts} {_num(parts)} kWh over {span}: "
+            f"{rule.main} {figure(main, main)} kWh vs {rule.parts} {figure(parts, main)} kWh "
+            f"over {span}: "
             f"{value:.1%} apart (tolerance {rule.tolerance:.1%})"
         )
     return Verdict(
