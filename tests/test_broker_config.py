@@ -49,13 +49,14 @@ class ShippedBroker:
     workdir: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    passwords: dict[str, str] = field(default_factory=lambda: dict(PASSWORDS))
 
     def __post_init__(self) -> None:
         (self.workdir / "conf.d").mkdir(parents=True)
         (self.workdir / "data").mkdir()
         pw = self.workdir / "energy-monitor.passwd"
         binary = find_binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
-        for i, (user, password) in enumerate(PASSWORDS.items()):
+        for i, (user, password) in enumerate(self.passwords.items()):
             subprocess.run([binary, *(["-c"] if i == 0 else []), "-b", str(pw), user, password],
                            check=True, capture_output=True, timeout=30)
         pw.chmod(0o600)
