@@ -3,7 +3,9 @@ ids, device dialects, the transaction guards and failed publications."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +330,46 @@ def test_cli_orders_resume_then_list(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert st.conn.execute("SELECT publish_due IS NOT NULL FROM orders").fetchone() == (1,)
     finally:
         st.close()
+
+
+# --------------------------------------------------------------------------- layout
+
+ACT = Path(__file__).resolve().parent.parent / "monitor" / "act"
+SQL = re.compile(r"\b(SELECT\b.*\bFROM|INSERT\b.*\bINTO|UPDATE\b.*\bSET|DELETE\s+FROM)\b", re.S)
+
+
+def sql_sites(path: Path) -> list[str]:
+    """Lines of ``path`` that run SQL (``.execute*`` calls) or hold SQL text."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("execute", "executemany", "executescript")):
+            found.append(f"{path.name}:{node.lineno}: .{node.func.attr}()")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and SQL.search(node.value)):
+            found.append(f"{path.name}:{node.lineno}: {node.value[:40]!r}")
+    return found
+
+
+def test_all_sql_of_the_orders_layer_is_in_its_repository() -> None:
+    """plan, issue, resume, verify and publish call monitor.act.repo; none writes SQL."""
+    assert sql_sites(ACT / "repo.py")  # the check can see SQL where there is some
+    others = sorted(p for p in ACT.glob("*.py") if p.name != "repo.py")
+    assert {p.name for p in others} >= {"plan.py", "issue.py", "resume.py", "verify.py",
+                                        "publish.py", "orders.py", "model.py", "journal.py"}
+    assert [s for p in others for s in sql_sites(p)] == []
+
+
+def test_the_facade_only_delegates() -> None:
+    """Every method of Actions is a single statement (a docstring aside) or, for
+    ``apply`` and ``tick``, a few calls into the modules that do the work; it holds
+    no SQL, no loop and no condition of its own beyond combining two results."""
+    tree = ast.parse((ACT / "orders.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Actions"]
+    for fn in cls.body:
+        if not isinstance(fn, ast.FunctionDef) or fn.name == "__init__":
+            continue
+        body = [s for s in fn.body if not (isinstance(s, ast.Expr)
+                                           and isinstance(s.value, ast.Constant))]
+        assert len(body) <= 4, fn.name
+        assert not any(isinstance(n, ast.For | ast.While) for n in ast.walk(fn)), fn.name

@@ -7,6 +7,7 @@ went over TCP.  Time is driven by the ``now`` passed to ``deliver_due``.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
 import json
@@ -528,3 +529,27 @@ def test_the_receiver_snippet_in_the_docs_verifies_a_real_delivery(
     assert verify(SECRET.encode(), g.body, header)
     assert not verify(SECRET.encode(), g.body + b" ", header)
     assert not verify(b"wrong", g.body, header)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_the_outbox_holds_all_sql_and_render_does_no_io() -> None:
+    """The package's three jobs stay apart: SQL only in outbox.py; render.py imports
+    no database, network or clock module."""
+    from tests.test_actions_logic import sql_sites  # noqa: PLC0415
+
+    pkg = Path(wh.__file__).parent
+    assert {p.name for p in pkg.glob("*.py")} == {"__init__.py", "outbox.py", "render.py",
+                                                  "send.py"}
+    assert sql_sites(pkg / "outbox.py")
+    assert [s for p in sorted(pkg.glob("*.py")) if p.name != "outbox.py"
+            for s in sql_sites(p)] == []
+    imported = set()
+    for node in ast.walk(ast.parse((pkg / "render.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+    assert not imported & {"sqlite3", "urllib", "http", "socket", "time", "random",
+                           "monitor.store.db", "monitor.store.kv"}, imported
