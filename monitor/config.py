@@ -73,6 +73,44 @@ class _Model(BaseModel):
 
 # --------------------------------------------------------------------------- site
 
+#: weights of the INN check digits (order of the Federal Tax Service of Russia):
+#: a 10-digit INN has one check digit, a 12-digit INN two
+INN_WEIGHTS_10 = (2, 4, 10, 3, 5, 9, 4, 6, 8)
+INN_WEIGHTS_11 = (7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
+INN_WEIGHTS_12 = (3, 7, 2, 4, 10, 3, 5, 9, 4, 6, 8)
+
+
+def inn_check_digit(digits: str, weights: Sequence[int]) -> int:
+    """The check digit of ``digits`` (the INN's leading digits) for ``weights``:
+    the weighted sum modulo 11, then modulo 10."""
+    return sum(int(d) * w for d, w in zip(digits, weights, strict=True)) % 11 % 10
+
+
+def inn_problem(inn: str) -> str:
+    """Why ``inn`` is not a valid Russian taxpayer number ('' when it is).
+
+    10 digits (an organisation): the 10th is the check digit of the first nine.
+    12 digits (a person or an individual entrepreneur): the 11th is the check
+    digit of the first ten, the 12th of the first eleven.
+    """
+    if not inn.isascii() or not inn.isdigit():
+        return (f"{inn!r} is not an INN: it must be digits only (10 for an organisation, "
+                "12 for a person or an individual entrepreneur)")
+    checks: list[tuple[int, Sequence[int]]]
+    if len(inn) == 10:
+        checks = [(9, INN_WEIGHTS_10)]
+    elif len(inn) == 12:
+        checks = [(10, INN_WEIGHTS_11), (11, INN_WEIGHTS_12)]
+    else:
+        return (f"{inn!r} is not an INN: it has {len(inn)} digits, an INN has 10 (an "
+                "organisation) or 12 (a person or an individual entrepreneur)")
+    for pos, weights in checks:
+        want = inn_check_digit(inn[:pos], weights)
+        if int(inn[pos]) != want:
+            return (f"{inn!r} is not a valid INN: check digit {pos + 1} is {inn[pos]}, the "
+                    f"INN rules give {want} for the digits before it (a typing error?)")
+    return ""
+
 
 class SiteConfig(_Model):
     id: str
@@ -83,12 +121,30 @@ class SiteConfig(_Model):
     # required: a default would silently decide which legal limits apply
     category: str
     off_grid: bool = False
+    # legal particulars, printed on the compliance report; all optional
+    owner: str = ""  # who holds the supply contract: an organisation or a person
+    inn: str = ""  # taxpayer number (ИНН): 10 digits (organisation) or 12 (person)
+    address: str = ""  # the site's postal address
+    supply_contract: str = ""  # number and date of the electricity supply contract
+    supply_point: str = ""  # the point of supply (точка поставки) as the contract names it
 
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
         if not ID_RE.match(v):
             raise ValueError("must match [a-z0-9_-]+ (it is used in MQTT topics and tags)")
+        return v
+
+    @field_validator("inn", mode="before")
+    @classmethod
+    def _inn(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise ValueError('must be a string in quotes (an INN may begin with 0): '
+                             f'inn = "{v}"')
+        if isinstance(v, str) and v:
+            problem = inn_problem(v)
+            if problem:
+                raise ValueError(problem)
         return v
 
     @field_validator("timezone")
@@ -160,7 +216,7 @@ class SourceConfig(_Model):
 
 class IntakeConfig(_Model):
     batch_size: int = Field(1000, ge=1, le=50000)
-    batch_wait_ms: int = Field(200, ge=1, le=10000)
+    batch_wait_ms: int = Field(50, ge=1, le=10000)
     max_payload_bytes: int = Field(65536, ge=64)
     max_gap_s: float = Field(900.0, gt=0)  # power is integrated only across gaps up to this
     expected_interval_s: float = Field(300.0, gt=0)  # default for meters' staleness
@@ -204,6 +260,27 @@ class MeterConfig(_Model):
     rated_kw: float | None = Field(None, gt=0)
     control: ControlConfig | None = None
     expected_interval_s: float | None = Field(None, gt=0)
+    # the meter's passport, printed on the compliance report; all optional
+    serial: str = ""  # the serial number on the meter's plate
+    model: str = ""  # make and model (type) of the meter
+    verification_date: dt.date | None = None  # last metrological verification (поверка)
+    next_verification_date: dt.date | None = None  # when the next one is due
+
+    @field_validator("serial", "model", mode="before")
+    @classmethod
+    def _passport_text(cls, v: Any) -> Any:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            raise ValueError(f'must be a string in quotes (leading zeros count): "{v}"')
+        return v
+
+    @field_validator("next_verification_date")
+    @classmethod
+    def _next_verification(cls, v: dt.date | None, info: ValidationInfo) -> dt.date | None:
+        last = info.data.get("verification_date")
+        if v is not None and last is not None and v <= last:
+            raise ValueError(f"must be after verification_date ({last.isoformat()}), "
+                             f"not {v.isoformat()}")
+        return v
 
     @property
     def devices(self) -> tuple[str, ...]:
