@@ -37,7 +37,6 @@ from tests.servers import Mosquitto
 TOPIC = "bench/{}"
 SITE = "test-site"  # write_config's default site id: status on energy-monitor/test-site/status
 KWH_PER_STEP = 3000 * 10 / 3.6e6  # 3 kW for 10 s
-BATCH_SIZE = 2000  # the daemon's [intake] batch_size here (default 1000)
 
 
 def _broker(workdir: Path) -> Mosquitto:
@@ -224,12 +223,11 @@ def run(workdir: Path, n: int = 200_000, meters: int = 100, rounds: int = 3,
     per_round: list[dict[str, Any]] = []
     broker = _broker(workdir)
     try:
-        cfg = write_config(workdir / "daemon.toml", broker.port, f"""
+        # the repository's default configuration: only the broker, store and source
+        cfg = write_config(workdir / "daemon.toml", broker.port, """
 [[sources]]
 topic = "bench/#"
 format = "json"
-[intake]
-batch_size = {BATCH_SIZE}
 """)
         d = Daemon(cfg, workdir / "daemon.log").start()
         wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
@@ -277,7 +275,7 @@ batch_size = {BATCH_SIZE}
         "messages": n,
         "meters": meters,
         "rounds": rounds,
-        "batch_size": BATCH_SIZE,
+        "batch_size": "default",
         "bare_paho_s": round(bare_s, 3),
         "bare_paho_msgs_per_s": round(n / bare_s),
         "daemon_s": round(daemon_s, 3),
@@ -300,8 +298,18 @@ batch_size = {BATCH_SIZE}
         "broker_cpu_us_per_msg_daemon": round(med("broker_cpu_s_daemon") / n * 1e6, 1),
         "per_round": per_round,
     }
-    result["rss_10k_meters"] = rss_10k(workdir / "rss", meters=rss_meters)
+    if rss_meters:
+        result["rss_10k_meters"] = rss_10k(workdir / "rss", meters=rss_meters)
     return result
+
+
+def curve(workdir: Path, n: int = 200_000, meters: tuple[int, ...] = (100, 1_000, 10_000),
+          rounds: int = 3, rss_meters: int = 10_000) -> dict[str, Any]:
+    """:func:`run` at each meter count (a fresh broker and store each), then the RSS."""
+    points = [run(workdir / f"m{m}", n=n, meters=m, rounds=rounds, rss_meters=0)
+              for m in meters]
+    return {"messages": n, "rounds": rounds, "points": points,
+            "rss_10k_meters": rss_10k(workdir / "rss", meters=rss_meters)}
 
 
 def rss_10k(workdir: Path, meters: int = 10_000, per_meter: int = 5) -> dict[str, Any]:
