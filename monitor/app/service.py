@@ -155,7 +155,7 @@ class Service:
         return reasons
 
     def status(self) -> dict[str, Any]:
-        return status_mod.build(self.reader(), self.config, self.clock())
+        return status_mod.build(self.reader(), self.config, self.clock(), health=self.health())
 
     # ------------------------------------------------------------------ supervision
 

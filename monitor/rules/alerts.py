@@ -36,7 +36,7 @@ MAX_METER_EVENTS = 20
 
 _RANK = {"ok": 0, "warning": 1, "breach": 2}
 #: keys of AlertState.data copied from the latest verdict (read by `status`)
-_LATEST = ("value", "limit", "unit", "projected", "ratio", "message")
+_LATEST = ("value", "limit", "unit", "projected", "ratio", "message", "seconds_to_limit")
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,12 @@ def step(
     for key in _LATEST:
         latest = getattr(verdict, key)
         data[key] = None if isinstance(latest, float) and not math.isfinite(latest) else latest
+    # when the limit is reached at the current rate (status shows it as a date), and
+    # whether the rule's window is still filling
+    to_limit = verdict.seconds_to_limit
+    data["limit_at"] = (now + to_limit if to_limit is not None and math.isfinite(to_limit)
+                        else None)
+    data["warming_up"] = bool(verdict.detail.get("warming_up", False))
     new = AlertState(rule=st.rule, scope=st.scope, state=state, level=level, since=since,
                      notified_at=notified, period=verdict.period or st.period, data=data)
     return new, meter_events + events

@@ -293,6 +293,13 @@ class Store:
             "SELECT kind, count(*) FROM anomalies WHERE ts >= ? GROUP BY kind ORDER BY kind",
             (since_ts,))}
 
+    def recent_dead_letters(self, limit: int) -> list[tuple[float, str, str]]:
+        """The newest ``limit`` dead letters as (received_at, topic, reason), newest first
+        (by the ``received_at`` index: cheap however many there are)."""
+        return [(float(at), str(topic), str(reason)) for at, topic, reason in self.conn.execute(
+            "SELECT received_at, topic, reason FROM dead_letters ORDER BY received_at DESC"
+            " LIMIT ?", (max(0, limit),))]
+
     def kv_get(self, key: str, default: str | None = None) -> str | None:
         return kv.get(self.conn, key, default)
 
