@@ -180,13 +180,15 @@ class SimRun:
         return self.truth
 
 
-def options(readings_per_meter: int, interval_s: float, *, seed: int = 1,
+def options(readings_per_meter: int, interval_s: float, *, seed: int = 1, speed: float = 0,
             reboot_prob: float = 0.0, dup_prob: float = 0.0, garbage_prob: float = 0.0,
             gap_prob: float = 0.0) -> simulate.SimOptions:
-    """As fast as possible, ending now (device clocks are bounded by the daemon)."""
+    """As fast as possible (``speed`` 0) or ``speed`` simulated seconds per second,
+    ending about now (device clocks are bounded by the daemon)."""
     duration = readings_per_meter * interval_s - interval_s / 2
-    return simulate.SimOptions(duration_s=duration, speed=0,
-                               start=time.time() - duration - 60, seed=seed,
+    ahead = duration / speed if speed else 0.0  # real seconds the run takes
+    return simulate.SimOptions(duration_s=duration, speed=speed,
+                               start=time.time() - duration + ahead - 60, seed=seed,
                                obey_commands=False, reboot_prob=reboot_prob,
                                dup_prob=dup_prob, garbage_prob=garbage_prob, gap_prob=gap_prob)
 
