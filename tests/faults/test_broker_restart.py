@@ -22,7 +22,7 @@ def _broker_restarts(broker: Mosquitto, tmp_path: Path, meters: int, per_meter: 
     sim = SimRun(fleet, opts, broker.port).start()
     expected = meters * per_meter
     for fraction in (0.25, 0.6):
-        wait_for(lambda f=fraction: site.count("readings") >= f * expected, 300,  # type: ignore[misc]
+        wait_for(lambda f=fraction: site.count("readings") >= f * expected, 300,
                  interval_s=0.05, what=f"{fraction:.0%} of the readings committed")
         broker.stop()  # SIGTERM: mosquitto writes its persistence file and exits
         wait_for(lambda: site.health()[0] == 503 and any(
