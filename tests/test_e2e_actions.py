@@ -590,8 +590,12 @@ max_resends = 2
     assert "shutdown" in line and "group:hall-a" in line and "confirmed" in line
     assert "DRY-RUN" not in line
 
-    # an operator resumes the group while the daemon runs (the rule is still in breach)
+    # an operator resumes the group while the daemon runs (the rule is still in breach):
+    # without a terminal the CLI asks in vain and records nothing; --force resumes
     res = cli(cfg, "orders", "resume", "group:hall-a", "--actor", "e2e-operator")
+    assert res.returncode != 0 and "still in breach: hall-a-daily" in res.stderr, res.stderr
+    assert query(cfg, "SELECT count(*) FROM orders WHERE action = 'resume'") == [(0,)]
+    res = cli(cfg, "orders", "resume", "group:hall-a", "--actor", "e2e-operator", "--force")
     assert res.returncode == 0, res.stderr
     wait_for(lambda: any(o["action"] == "resume" for o in site.recorder.orders(SITE)), 30,
              what="the resume order published")
