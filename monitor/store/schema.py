@@ -25,8 +25,8 @@ class Table(NamedTuple):
 #: :mod:`monitor.store.kv`, whose docstring lists which package owns which key.
 TABLES: dict[str, Table] = {
     "schema_migrations": Table("monitor.store", (), "migrations applied"),
-    "meters": Table("monitor.store", ("monitor.act", "monitor.app", "monitor.outputs", "monitor.report",
-                                      "monitor.rules"),
+    "meters": Table("monitor.store", ("monitor.act", "monitor.app", "monitor.outputs",
+                                      "monitor.report", "monitor.rules"),
                     "every meter seen: identity, last reading, accounting state"),
     "readings": Table("monitor.store", ("monitor.outputs",), "raw readings (retention)"),
     "ledger": Table("monitor.store", ("monitor.report",), "mWh per meter per 15 min"),
