@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from monitor.outputs.exporter import Backlog, Exporter
 from monitor.outputs.webhooks import WebhookSender
 from monitor.rules.check import Checker
 from monitor.store import audit, kv
+from monitor.store.db import StoreError
 from monitor.store.ledger import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 BACKLOG_TOO_OLD_S = 300.0
 EXPORT_BACKLOG_TOO_OLD_S = 3600.0
 EXPORT_ALERT_KEY = "export.alert"
+STORE_ALERT_KEY = "store.alert"
+STORE_ALERT_AFTER_S = 10.0  # commits failing this long raise the store alert
 WEBHOOK_BACKLOG_TOO_OLD_S = 900.0
 ORDERS_TICK_S = 2.0
 WEBHOOK_TICK_S = 2.0
@@ -94,6 +98,8 @@ class Service:
         self.exporter: Exporter | None = None
         self.sender: WebhookSender | None = None
         self.webhook_oldest_s: float | None = None
+        self._store_failing_since: float | None = None
+        self._store_alert_owed = ""  # the error of a store alert not yet committed
         self.scheduler = Scheduler(config.site.tz, self.metrics, config.schedule.misfire_grace_s)
         self._readers = threading.local()
 
@@ -249,6 +255,7 @@ class Service:
                                      max_backlog_age_s=EXPORT_BACKLOG_TOO_OLD_S)
             self.scheduler.every("export", cfg.influxdb.flush_interval_s, self._export)
         self.scheduler.every("meter-freshness", 15.0, self._freshness)
+        self.scheduler.every("store-alert", ORDERS_TICK_S, self._store_alert)
         self.scheduler.start()
         if cfg.http.enabled:
             self.http = HttpServer(cfg.http.host, cfg.http.port, health=self.health,
@@ -365,6 +372,44 @@ class Service:
             res["webhook_deliveries"] = webhooks.purge(
                 conn, self.clock() - WEBHOOK_ROWS_KEPT_S)
         log.info("housekeeping: %s", res)
+
+    def _store_alert(self) -> None:
+        """Intake commits failing (disk full, read-only, locked) for ``STORE_ALERT_AFTER_S``
+        raise a critical ``alert.firing`` (rule ``store-writable``), resolved once commits
+        succeed again.  The event needs a commit itself: on a full disk it is stored
+        (and sent) as soon as the store takes a write; /healthz and the metrics say it
+        at once."""
+        if self.intake is None:
+            return
+        error, now = self.intake.commit_error, self.clock()
+        if not error:
+            self._store_failing_since = None
+        elif self._store_failing_since is None:
+            self._store_failing_since = now
+        elif now - self._store_failing_since >= STORE_ALERT_AFTER_S:
+            self._store_alert_owed = self._store_alert_owed or error
+        st = self.writer()
+        try:
+            if self._store_alert_owed:  # kept until committed, even after recovery
+                if st.kv_get(STORE_ALERT_KEY) is None:
+                    with st.transaction() as conn:
+                        kv.put(conn, STORE_ALERT_KEY, self._store_alert_owed)
+                        events.emit(conn, self.config, {
+                            "kind": "alert.firing", "severity": "critical",
+                            "rule": "store-writable", "scope": "site",
+                            "message": "the store takes no writes; readings are held by the "
+                                       "broker, checks and orders wait: "
+                                       f"{self._store_alert_owed}"}, now)
+                self._store_alert_owed = ""
+            elif not error and st.kv_get(STORE_ALERT_KEY) is not None:
+                with st.transaction() as conn:
+                    kv.delete(conn, STORE_ALERT_KEY)
+                    events.emit(conn, self.config, {
+                        "kind": "alert.resolved", "severity": "info",
+                        "rule": "store-writable", "scope": "site",
+                        "message": "the store takes writes again"}, now)
+        except (StoreError, sqlite3.Error) as exc:
+            log.warning("store alert not recorded yet (store not writable): %s", exc)
 
     def _freshness(self) -> None:
         now = self.clock()

@@ -8,6 +8,7 @@ key or prefix               what                                       owner
 ==========================  =========================================  ===============
 ``mqtt.filters``            filters ever subscribed (to unsubscribe)   monitor.app
 ``export.alert``            InfluxDB refuses our writes (alert open)   monitor.app
+``store.alert``             intake commits failing (alert open)        monitor.app
 ``export.readings``,        InfluxDB export cursors                    monitor.outputs
 ``export.outbox``
 ``webhooks.hold.<hook>``    a failing webhook's hold-until time        monitor.outputs

@@ -56,7 +56,8 @@ class Site:
     """One daemon for one simulated fleet on one broker (see module docstring)."""
 
     def __init__(self, tmp: Path, broker_port: int, body: str, *, site: str = "flt",
-                 tz: str = "UTC", env: dict[str, str] | None = None) -> None:
+                 tz: str = "UTC", env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
         self.tmp = tmp
         self.broker_port = broker_port
         self.http_port = free_port()
@@ -65,7 +66,7 @@ class Site:
                                        f'listen = "127.0.0.1:{self.http_port}"')
         cfg.write_text(text)
         self.config = cfg
-        self.log = tmp / "daemon.log"
+        self.log = log or tmp / "daemon.log"
         self.daemon = FaultDaemon(cfg, self.log, env)
 
     # -------------------------------------------------------------- lifecycle
