@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:/usr/sbin:$(PATH)
 
-.PHONY: deps demo test check bench clean
+.PHONY: deps demo test faults check bench clean
 
 deps:
 	@scripts/install-deps
@@ -18,6 +18,11 @@ test: deps
 	$(PY) -m coverage run -m pytest -q -p no:cacheprovider
 	@$(PY) -m coverage combine -q
 	@$(PY) -m coverage report | tail -n 25
+
+# the fault suite at full size (tests/faults/: 50,000 readings, outages of minutes);
+# `make test` runs its smaller variants
+faults: deps
+	FAULTS_FULL=1 $(PY) -m pytest -q -p no:cacheprovider --timeout=3600 tests/faults
 
 check: deps
 	$(PY) -m ruff check monitor sim tests bench scripts
