@@ -27,6 +27,8 @@ from monitor.config import Config, parse
 from monitor.core import periods
 from monitor.core.timefmt import rfc3339
 from monitor.report import build as rp
+from monitor.report import render as rr
+from monitor.report import write as rw
 from monitor.store import audit
 from monitor.store.ledger import Store
 
@@ -247,7 +249,8 @@ def test_site_identity_software_and_generation_time(irk_report: dict[str, Any]) 
     r = irk_report
     assert r["site"] == {"id": "irk-01", "name": "Angarsk container farm", "region": "RU-IRK",
                          "subregion": "angarsk", "category": "individual",
-                         "timezone": "Asia/Irkutsk", "off_grid": False}
+                         "timezone": "Asia/Irkutsk", "off_grid": False, "owner": "",
+                         "inn": "", "address": "", "supply_contract": "", "supply_point": ""}
     assert r["software"] == {"name": "energy-monitor", "version": __version__}
     assert r["generated_at"] == "2026-12-20T16:00:00Z"
     assert r["sha256"] == rp.content_sha256(r)
@@ -396,7 +399,7 @@ def test_report_is_deterministic_for_the_same_now(irk: tuple[Store, Config]) -> 
     st, cfg = irk
     a = rp.build_report(st, cfg, "2026-11", NOW_IRK)
     b = rp.build_report(st, cfg, "2026-11", NOW_IRK)
-    assert a == b and rp.to_json(a) == rp.to_json(b)
+    assert a == b and rr.to_json(a) == rr.to_json(b)
 
 
 def test_month_in_progress_is_assessed_up_to_now(irk: tuple[Store, Config]) -> None:
@@ -471,26 +474,27 @@ def test_empty_period_gives_zeros_not_a_crash(tmp_path: Path) -> None:
     assert r["orders"]["total"] == 0 and r["dead_letters"]["count"] == 0
     assert rule(r, "monthly-cap")["used_share"] == 0.0
     assert rule(r, "peak")["measured"]["peak_at"] is None
-    for text in (rp.to_json(r), rp.to_csv(r), rp.to_html(r)):
+    for text in (rr.to_json(r), rr.to_csv(r), rr.to_html(r)):
         assert text
 
 
 def test_store_without_meters_or_config_meters(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, "UTC")
     st = Store(cfg.storage.path)
-    r = rp.build_report(st, cfg, "2026-01", 0.0)  # generated before the month: nothing assessed
+    start = local(ZoneInfo("UTC"), 2026, 1, 1)
+    r = rp.build_report(st, cfg, "2026-01", start)  # generated as the month begins
     st.close()
     assert r["meters"] == [] and r["totals"]["completeness"] == 0.0
-    assert r["period"]["assessed_s"] == 0.0
-    assert rp.parse_csv(rp.to_csv(r))["energy_by_day_kwh"][-1]["day"] == "total"
-    _check_html(rp.to_html(r))
+    assert r["period"]["assessed_s"] == 0.0 and r["period"]["complete"] is False
+    assert rr.parse_csv(rr.to_csv(r))["energy_by_day_kwh"][-1]["day"] == "total"
+    _check_html(rr.to_html(r))
 
 
 # --------------------------------------------------------------------------- formats
 
 
 def test_json_round_trips_and_carries_its_digest(irk_report: dict[str, Any]) -> None:
-    text = rp.to_json(irk_report)
+    text = rr.to_json(irk_report)
     back = json.loads(text)
     assert back == irk_report
     assert back["sha256"] == rp.content_sha256(back)
@@ -502,10 +506,10 @@ def test_json_round_trips_and_carries_its_digest(irk_report: dict[str, Any]) -> 
 
 
 def test_csv_parses_with_the_csv_module(irk_report: dict[str, Any]) -> None:
-    text = rp.to_csv(irk_report)
+    text = rr.to_csv(irk_report)
     rows = list(csv.reader(io.StringIO(text)))
     assert rows[0] == ["[report]"] and rows[1] == ["field", "value"]
-    sections = rp.parse_csv(text)
+    sections = rr.parse_csv(text)
     assert list(sections)[:3] == ["report", "energy_by_day_kwh", "meters"]
     meta = {row["field"]: row["value"] for row in sections["report"]}
     assert meta["site.id"] == "irk-01" and meta["period.label"] == "2026-11"
@@ -564,7 +568,7 @@ def _check_html(text: str) -> _Checker:
 
 def test_html_is_well_formed_self_contained_and_has_the_totals(
         irk_report: dict[str, Any]) -> None:
-    p = _check_html(rp.to_html(irk_report))
+    p = _check_html(rr.to_html(irk_report))
     text = " ".join(p.text)
     assert "2,660.500 kWh" in text and "2,667.500 kWh" in text  # accounted, conservative
     assert "irk-01" in text and "2026-11" in text and "Asia/Irkutsk" in text
@@ -579,7 +583,7 @@ def test_html_escapes_what_it_prints(tmp_path: Path) -> None:
     st = Store(cfg.storage.path)
     r = rp.build_report(st, cfg, "2026-01", local(ZoneInfo("UTC"), 2026, 2, 1))
     st.close()
-    out = rp.to_html(r)
+    out = rr.to_html(r)
     assert "<script>" not in out and "&lt;script&gt;" in out
     _check_html(out)
 
@@ -590,31 +594,32 @@ def test_html_escapes_what_it_prints(tmp_path: Path) -> None:
 def test_run_writes_each_format(irk: tuple[Store, Config], tmp_path: Path) -> None:
     st, cfg = irk
     expected = rp.build_report(st, cfg, "2026-11", NOW_IRK)
-    for fmt in rp.FORMATS:
+    for fmt in rr.FORMATS:
         out = tmp_path / f"r.{fmt}"
         err = io.StringIO()
-        assert rp.run(cfg, "2026-11", fmt, out, now=NOW_IRK, stderr=err) == 0
+        assert rw.run(cfg, "2026-11", fmt, out, now=NOW_IRK, stderr=err) == 0
         assert "written to" in err.getvalue()
         with out.open(encoding="utf-8", newline="") as fh:
-            assert fh.read() == rp.RENDERERS[fmt](expected)
+            assert fh.read() == rr.RENDERERS[fmt](expected)
     buf = io.StringIO()
-    assert rp.run(cfg, "2026-11", "json", None, now=NOW_IRK, stdout=buf) == 0
+    assert rw.run(cfg, "2026-11", "json", None, now=NOW_IRK, stdout=buf) == 0
     assert json.loads(buf.getvalue())["totals"]["accounted_kwh"] == pytest.approx(2660.5)
 
 
 def test_run_rejects_bad_period_and_format_before_opening(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, "UTC")
     with pytest.raises(ValueError, match="YYYY-MM"):
-        rp.run(cfg, "2026-1", "json", None)
+        rw.run(cfg, "2026-1", "json", None)
     with pytest.raises(ValueError, match="format"):
-        rp.run(cfg, "2026-01", "pdf", None)
+        rw.run(cfg, "2026-01", "pdf", None)
     assert not Path(cfg.storage.path).exists()
 
 
 def test_run_without_a_store_fails_cleanly(tmp_path: Path) -> None:
     cfg = make_config(tmp_path, "UTC")
     err = io.StringIO()
-    assert rp.run(cfg, "2026-01", "json", None, now=0.0, stderr=err) == 1
+    now = local(ZoneInfo("UTC"), 2026, 2, 1)
+    assert rw.run(cfg, "2026-01", "json", None, now=now, stderr=err) == 1
     assert "no store" in err.getvalue()
 
 
@@ -622,7 +627,7 @@ def test_run_reports_an_unwritable_output(irk: tuple[Store, Config], tmp_path: P
     _, cfg = irk
     err = io.StringIO()
     target = tmp_path / "missing-dir" / "r.json"
-    assert rp.run(cfg, "2026-11", "json", target, now=NOW_IRK, stderr=err) == 1
+    assert rw.run(cfg, "2026-11", "json", target, now=NOW_IRK, stderr=err) == 1
     assert "cannot write" in err.getvalue() and not target.exists()
 
 
@@ -637,12 +642,12 @@ def test_docs_name_every_key_and_csv_section(irk_report: dict[str, Any]) -> None
         assert f"`{key}`" in text, f"docs/report.md does not describe key {key!r}"
     for key in (*irk_report["period"], *irk_report["totals"], *irk_report["audit"]):
         assert f"`{key}`" in text, f"docs/report.md does not describe {key!r}"
-    for section in rp.csv_sections(irk_report):
+    for section in rr.csv_sections(irk_report):
         assert f"`[{section}]`" in text, f"docs/report.md lacks CSV section {section!r}"
 
 
 def test_docs_digest_recipe_checks_a_report(irk_report: dict[str, Any]) -> None:
-    doc = json.loads(rp.to_json(irk_report))
+    doc = json.loads(rr.to_json(irk_report))
     claimed = doc.pop("sha256")
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert hashlib.sha256(canonical.encode()).hexdigest() == claimed

@@ -30,7 +30,7 @@ from monitor.app.service import Service
 from monitor.config import Config, ConfigError
 from monitor.core.timefmt import rfc3339_or_none
 from monitor.outputs import events, webhooks
-from monitor.report import build as report
+from monitor.report import write as report
 from monitor.rules.evaluate import AnyRule, applies
 from monitor.store import audit, kv
 from monitor.store.db import StoreError, transaction
@@ -261,7 +261,7 @@ def _open_store(cfg: Config, *, write: bool = False) -> Store:
 def cmd_report(args: argparse.Namespace) -> int:
     cfg = _load(args, secrets=False)
     try:
-        return report.run(cfg, args.period, args.format, args.out)
+        return report.run(cfg, args.period, args.format, args.out, lang=args.lang)
     except ValueError as exc:
         print(f"report: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -596,10 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "stopped"))
     sp.add_argument("--json", action="store_true", help="machine-readable (SPEC status JSON)")
     sp.set_defaults(func=cmd_status)
-    sp = with_config(sub.add_parser("report", help="compliance report of one calendar month"))
+    sp = with_config(command(sub, "report", "the compliance report of one calendar month "
+                             "(site time zone), from the local store"))
     sp.add_argument("--period", required=True, help="YYYY-MM, in the site's time zone")
-    sp.add_argument("--format", choices=["csv", "json", "html"], default="json")
-    sp.add_argument("--out", type=Path, default=None, help="write to FILE instead of stdout")
+    sp.add_argument("--format", choices=["csv", "json", "html", "all"], default="json",
+                    help="all: every format into the directory --out, under one digest")
+    sp.add_argument("--lang", choices=["en", "ru"], default="en",
+                    help="language of the HTML page (JSON and CSV are the same in both)")
+    sp.add_argument("--out", type=Path, default=None,
+                    help="write to FILE instead of stdout (a directory with --format all)")
     sp.set_defaults(func=cmd_report)
 
     actor = os.environ.get("SUDO_USER") or os.environ.get("USER") or "operator"

@@ -1,17 +1,20 @@
-"""The compliance report of one calendar month (SPEC ``energy-monitor report``).
+"""The compliance report of one calendar month: the document (SPEC ``energy-monitor report``).
 
-:func:`build_report` reads the local store and returns one JSON-ready dict;
-:func:`to_json`, :func:`to_csv` and :func:`to_html` render it.  The build is
+:func:`build_report` reads the store (through :class:`monitor.report.read.Reader`,
+in one read snapshot) and returns one JSON-ready dict, the report document;
+:mod:`monitor.report.render` turns that one document into JSON, CSV and HTML,
+so every format shows the same figures under the same digest.  The build is
 pure over the store: the generation time ``now`` is passed in, the clock is
 never read, so the same store, configuration and ``now`` give the same report
 (and the same digest).
 
 What is counted, and how (see ``docs/report.md`` for the reader's view):
 
-* The month is the calendar month in the site's time zone: from local midnight
-  of its first day to local midnight of the first day of the next month.  Its
-  length in seconds is the difference of those two instants, so a month with a
-  DST change is 743 or 745 hours long.
+* The month is the calendar month in the site's time zone
+  (:func:`monitor.core.periods.month`): from local midnight of its first day to
+  local midnight of the first day of the next month, so a month with a DST
+  change is 743 or 745 hours long.  A month that has not begun at ``now`` has
+  no report (:class:`PeriodNotStartedError`).
 * Energy is the ``daily`` rollup (accounted kWh per meter per local day) summed
   over the month's local days; it is the same figure ``status`` and the rules
   use.  ``gap_upper_kwh`` is the upper bound of the energy that may have been
@@ -21,29 +24,21 @@ What is counted, and how (see ``docs/report.md`` for the reader's view):
   part of it before ``now`` while it is still running) that its data cover:
   from its first reading (or the month's start) to its last reading (or the
   month's end), minus the data gaps recorded in that time.
+* A report is ``complete`` only when the month has ended and monitoring had
+  begun (the site's first reading) by the month's first instant.
 
 Only reads: the store is never written by a report.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
-import html
-import importlib
-import io
 import json
-import os
 import re
-import sys
-import tempfile
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
-from zoneinfo import ZoneInfo
+from typing import Any
 
 from monitor import __version__
 from monitor.config import (
@@ -51,31 +46,34 @@ from monitor.config import (
     Config,
     CurtailmentRule,
     EnergyCapRule,
+    MeterConfig,
     PowerCapRule,
     ReconcileRule,
     SiteConfig,
     StaleDataRule,
 )
-from monitor.core.periods import Period, month, parse_month
-from monitor.core.timefmt import local_iso, parse_rfc3339, rfc3339_or_none
+from monitor.core.periods import Period, local_midnight, month
+from monitor.core.timefmt import local_iso, rfc3339_or_none
+from monitor.report.read import EventRow, Reader
 from monitor.rules.evaluate import AnyRule, ban_spans, in_effect, matches_site
-from monitor.store.db import StoreError, snapshot
+from monitor.store.db import snapshot
 from monitor.store.ledger import Store, to_kwh
 
-FORMATS = ("json", "csv", "html")
-FORMAT_VERSION = 1
-BUCKET_S = 900  # the ledger's resolution (monitor.core.accounting.BUCKET_S)
+FORMAT_VERSION = 2
 STATES = ("ok", "warning", "breach")
 ALERT_KINDS = ("alert.firing", "alert.resolved")
 _RANK = {s: i for i, s in enumerate(STATES)}
 # Jitter (a counter dropping by less than jitter_kwh) changes nothing and can be
 # frequent; it is counted but not listed.
 UNLISTED_ANOMALIES = frozenset({"jitter"})
-# The day-by-meter table of the HTML page falls back to groups beyond this many meters.
-HTML_MAX_METER_COLUMNS = 16
+#: the site filters of a rule, and the site key each is matched against
+SITE_FILTERS = {"categories": "category", "regions": "region", "subregions": "subregion",
+                "exclude_subregions": "subregion"}
 
 
-# --------------------------------------------------------------------------- period
+class PeriodNotStartedError(ValueError):
+    """The report's month has not begun at the generation time: there is nothing to
+    report yet (a usage error, not an empty report)."""
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -118,7 +116,7 @@ def _event_state(kind: str, severity: str, body: Mapping[str, Any]) -> str:
     return "breach" if severity in ("critical", "breach", "error") else "warning"
 
 
-def _event_item(row: Sequence[Any], body: Mapping[str, Any]) -> dict[str, Any]:
+def _event_item(row: EventRow, body: Mapping[str, Any]) -> dict[str, Any]:
     """An event of the report from ``(event_id, kind, severity, rule, scope, at, body)``."""
     event_id, kind, severity, rule, scope, at, _ = row
     return {"event_id": event_id, "kind": kind, "severity": severity, "rule": rule,
@@ -132,12 +130,20 @@ def content_sha256(report: Mapping[str, Any]) -> str:
 
     Canonical JSON: keys sorted, no whitespace, UTF-8, no NaN.  Recompute it from a
     JSON report with ``json.loads`` and this function to check the report was not
-    edited.
+    edited.  Every format of one report carries this same digest.
     """
     body = {k: v for k, v in report.items() if k != "sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_started(pb: Period, now: float) -> None:
+    """Raise :class:`PeriodNotStartedError` when month ``pb`` begins after ``now``."""
+    if now < pb.start_ts:
+        raise PeriodNotStartedError(
+            f"period {pb.label} has not started: it begins {local_iso(pb.start_ts, pb.tz)} "
+            "in the site's time zone; a report covers a month that has begun")
 
 
 # --------------------------------------------------------------------------- meters
@@ -149,32 +155,48 @@ class _Meter:
     device: str
     group: str
     rated_kw: float | None
-    configured: bool
+    configured: MeterConfig | None
     first_seen: float | None
     last_seen: float | None
 
 
-def _meters(store: Store, config: Config, pb: Period,
+def _meters(reader: Reader, config: Config, pb: Period,
             with_data: set[str]) -> dict[str, _Meter]:
     """Meters the report covers: every configured meter, and every stored meter that
     existed before the month ended or has data in it."""
     configured = {m.id: m for m in config.meters}
     out: dict[str, _Meter] = {}
-    for row in store.meters():
+    for row in reader.meters():
         mc = configured.get(row.id)
         if mc is None and row.id not in with_data and (
                 row.first_seen is None or row.first_seen >= pb.end_ts):
             continue  # appeared after the month (or never reported): not part of it
         out[row.id] = _Meter(
             row.id, row.device, mc.group if mc else row.group,
-            mc.rated_kw if mc else None, mc is not None, row.first_seen, row.last_seen)
+            mc.rated_kw if mc else None, mc, row.first_seen, row.last_seen)
     for mid, mc in configured.items():
         if mid not in out:
-            out[mid] = _Meter(mid, ", ".join(mc.devices), mc.group, mc.rated_kw, True,
+            out[mid] = _Meter(mid, ", ".join(mc.devices), mc.group, mc.rated_kw, mc,
                               None, None)
     for mid in with_data - out.keys():
-        out[mid] = _Meter(mid, "", "", None, False, None, None)
+        out[mid] = _Meter(mid, "", "", None, None, None, None)
     return dict(sorted(out.items()))
+
+
+def _passport(mc: MeterConfig | None, pb: Period) -> dict[str, Any]:
+    """The meter's passport (``[[meters]]`` serial, model, verification dates) and
+    whether its verification covered the whole month (``None``: no date given)."""
+    last = mc.verification_date if mc else None
+    nxt = mc.next_verification_date if mc else None
+    covered: bool | None = None
+    if last is not None:
+        covered = last <= pb.first_day and (nxt is None or nxt > pb.last_day)
+    elif nxt is not None and nxt <= pb.last_day:
+        covered = False  # due before the month ended: not valid all month
+    return {"serial": mc.serial if mc else "", "model": mc.model if mc else "",
+            "verification_date": last.isoformat() if last else None,
+            "next_verification_date": nxt.isoformat() if nxt else None,
+            "verified_for_period": covered}
 
 
 def _scope_meters(scope: str, meters: Mapping[str, _Meter]) -> list[str]:
@@ -189,25 +211,75 @@ def _scope_meters(scope: str, meters: Mapping[str, _Meter]) -> list[str]:
 # --------------------------------------------------------------------------- rules
 
 
-def _in_force(rule: AnyRule, site: SiteConfig, pb: Period) -> str:
-    """Why ``rule`` does not govern this site in this month ('' when it does).
+def _not_in_force(rule: AnyRule, site: SiteConfig, pb: Period) -> dict[str, Any] | None:
+    """Why ``rule`` does not govern this site in this month, as data (``None``: it does).
 
-    The decision is :func:`monitor.rules.evaluate.matches_site` and
-    :func:`~monitor.rules.evaluate.in_effect`
-    (the daemon's own), so the report never disagrees with what was enforced.
+    ``reason`` is ``off_grid_exempt``, ``site_filters`` (with each filter the site
+    fails: the rule's values and the site's) or ``not_in_effect`` (with the
+    rule's dates).  The decision is :func:`monitor.rules.evaluate.matches_site` and
+    :func:`~monitor.rules.evaluate.in_effect` (the daemon's own), so the report
+    never disagrees with what was enforced; each filter is tested alone, with
+    the rule's other filters cleared.
     """
     if not matches_site(rule, site):
         if isinstance(rule, BanWindowRule) and rule.exempt_off_grid and site.off_grid:
-            return "exempt: the site is off grid"
-        filters = {k: getattr(rule, k) for k in
-                   ("categories", "regions", "subregions", "exclude_subregions")
-                   if getattr(rule, k)}
-        return (f"site (category {site.category!r}, region {site.region!r}, subregion "
-                f"{site.subregion!r}) is outside the rule's filters {filters}")
+            return {"reason": "off_grid_exempt", "filters": []}
+        failing = []
+        for key, site_key in SITE_FILTERS.items():
+            values = list(getattr(rule, key))
+            if not values:
+                continue
+            alone: dict[str, Any] = {k: [] for k in SITE_FILTERS if k != key}
+            if isinstance(rule, BanWindowRule):
+                alone["exempt_off_grid"] = False
+            if not matches_site(rule.model_copy(update=alone), site):
+                failing.append({"filter": key, "rule": values, "site_key": site_key,
+                                "site": getattr(site, site_key)})
+        return {"reason": "site_filters", "filters": failing}
     if not any(in_effect(rule, day) for day in pb.days):
-        return (f"not in effect in this period (effective {rule.effective_from or '...'}"
-                f" .. {rule.effective_until or '...'})")
-    return ""
+        return {"reason": "not_in_effect",
+                "effective_from": rule.effective_from.isoformat() if rule.effective_from
+                else None,
+                "effective_until": rule.effective_until.isoformat() if rule.effective_until
+                else None}
+    return None
+
+
+def _names(values: Sequence[str]) -> str:
+    return ", ".join(values)
+
+
+def not_in_force_words(why: Mapping[str, Any] | None) -> str:
+    """The English sentence for :func:`_not_in_force` ('' when the rule applies).
+
+    The HTML pages word it from the same data in their own language."""
+    if why is None:
+        return ""
+    if why["reason"] == "off_grid_exempt":
+        return ("exempt: the site is off grid, and the rule exempts sites on their own "
+                "isolated generation")
+    if why["reason"] == "not_in_effect":
+        since, until = why["effective_from"], why["effective_until"]
+        span = (f"from {since} until {until}" if since and until else
+                f"from {since}" if since else f"until {until}")
+        return f"not in effect in this period: the rule is in effect {span}"
+    parts = []
+    for f in why["filters"]:
+        site_value = f["site"] or "none set"
+        rule_values = _names(f["rule"])
+        if f["filter"] == "categories":
+            parts.append(f"it applies only to sites of category {rule_values}, and this "
+                         f"site's category is {site_value}")
+        elif f["filter"] == "regions":
+            parts.append(f"it applies only in region {rule_values}, and this site's "
+                         f"region is {site_value}")
+        elif f["filter"] == "subregions":
+            parts.append(f"it applies only in subregion {rule_values}, and this site's "
+                         f"subregion is {site_value}")
+        else:
+            parts.append(f"it does not apply in subregion {rule_values}, and this site's "
+                         f"subregion is {site_value}")
+    return "the site is outside the rule's filters: " + "; ".join(parts)
 
 
 def _banned_days(rule: BanWindowRule, pb: Period) -> list[str]:
@@ -288,7 +360,7 @@ class _Context:
 
     config: Config
     pb: Period
-    store: Store
+    reader: Reader
     meters: Mapping[str, _Meter]
     energy: _Energy
     alerts: Sequence[Mapping[str, Any]]  # alert events of the month (+ closing ones)
@@ -297,12 +369,12 @@ class _Context:
 
 
 def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
-    config, pb, store, meters, energy = ctx.config, ctx.pb, ctx.store, ctx.meters, ctx.energy
+    config, pb, reader, meters, energy = ctx.config, ctx.pb, ctx.reader, ctx.meters, ctx.energy
     scope: str = getattr(rule, "scope", "site")
     if isinstance(rule, ReconcileRule):
         scope = rule.main
-    why_not = _in_force(rule, config.site, pb)
-    in_force = not why_not
+    why_not = _not_in_force(rule, config.site, pb)
+    in_force = why_not is None
     days = [d.isoformat() for d in pb.days]
     scope_ids = _scope_meters(scope, meters)
     entry: dict[str, Any] = {
@@ -311,7 +383,8 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
         "scope": scope,
         "source": rule.source,
         "in_force": in_force,
-        "not_in_force_reason": why_not,
+        "not_in_force_reason": not_in_force_words(why_not),
+        "not_in_force": why_not,
         "parameters": rule.model_dump(mode="json", by_alias=True),
         "limit": None,
         "unit": None,
@@ -333,7 +406,8 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
                 "days_over_limit": sum(1 for d in days if basis[d] >= rule.limit_kwh),
             }
         elif rule.period == "calendar_year":
-            ytd = _year_to_date(store, None if scope == "site" else scope_ids, pb)
+            ytd = reader.energy_between_days(None if scope == "site" else scope_ids,
+                                             dt.date(pb.first_day.year, 1, 1), pb.last_day)
             used, used_c = ytd
             entry["measured"] = {
                 "basis": f"year to date {pb.first_day.year}-01-01 .. {pb.last_day.isoformat()}"}
@@ -351,7 +425,7 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
         elif rule.warn_at and share >= rule.warn_at[0]:
             measured_state = "warning"
     elif isinstance(rule, PowerCapRule):
-        peak_kw, peak_at = _peak_15min(store, scope_ids, pb)
+        peak_kw, peak_at = reader.peak_15min(scope_ids, pb.start_ts, pb.end_ts)
         entry.update(limit=rule.limit_kw, unit="kW", used=peak_kw,
                      used_share=_share(peak_kw, rule.limit_kw))
         entry["measured"] = {"basis": "largest 15-minute average from the ledger "
@@ -397,69 +471,59 @@ def _rule_entry(rule: AnyRule, ctx: _Context) -> dict[str, Any]:
     return entry
 
 
-def _year_to_date(store: Store, meter_ids: Sequence[str] | None,
-                  pb: Period) -> tuple[float, float]:
-    """(kWh, kWh + gap bound) from 1 January to the month's last day; ``None``: every
-    meter (the site, including meters that reported only earlier in the year)."""
-    if meter_ids is not None and not meter_ids:
-        return 0.0, 0.0
-    ids = list(meter_ids or ())
-    where = f" AND meter IN ({','.join('?' * len(ids))})" if meter_ids is not None else ""
-    mwh, gap = store.conn.execute(
-        "SELECT coalesce(sum(mwh), 0), coalesce(sum(gap_kwh), 0) FROM daily"
-        f" WHERE day BETWEEN ? AND ?{where}",
-        (f"{pb.first_day.year:04d}-01-01", pb.last_day.isoformat(), *ids),
-    ).fetchone()
-    return to_kwh(mwh), to_kwh(mwh) + float(gap)
+# --------------------------------------------------------------------------- chart
 
 
-def _peak_15min(store: Store, meter_ids: Sequence[str],
-                pb: Period) -> tuple[float, float | None]:
-    """Largest 15-minute average power (kW) of these meters in the month, and its start."""
-    if not meter_ids:
-        return 0.0, None
-    marks = ",".join("?" * len(meter_ids))
-    row = store.conn.execute(
-        f"SELECT bucket, sum(mwh) AS e FROM ledger WHERE bucket >= ? AND bucket < ?"
-        f" AND meter IN ({marks}) GROUP BY bucket ORDER BY e DESC, bucket LIMIT 1",
-        (pb.start_ts, pb.end_ts, *meter_ids),
-    ).fetchone()
-    if row is None or row[1] <= 0:
-        return 0.0, None
-    return round(to_kwh(row[1]) * 3600.0 / BUCKET_S, 6), float(row[0])
+def _cap_in_force(config: Config, pb: Period, period: str) -> EnergyCapRule | None:
+    """The tightest site-wide ``energy_cap`` of ``period`` that governs the month."""
+    caps = [r for r in config.rules
+            if isinstance(r, EnergyCapRule) and r.scope == "site" and r.period == period
+            and _not_in_force(r, config.site, pb) is None]
+    return min(caps, key=lambda r: (r.limit_kwh, r.id)) if caps else None
 
 
-# --------------------------------------------------------------------------- audit
+def _chart(config: Config, pb: Period, energy: _Energy, ids: Sequence[str],
+           assess_end: float) -> dict[str, Any]:
+    """Daily site energy against the monthly cap pro-rated by each day's length, and
+    the running total against the cap (the figures the HTML chart draws).
 
-
-def _audit(store: Store, pb: Period) -> dict[str, Any]:
-    conn = store.conn
-    entries, in_period = conn.execute(
-        "SELECT count(*), coalesce(sum(at >= ? AND at < ?), 0) FROM audit",
-        (pb.start_ts, pb.end_ts)).fetchone()
-    head = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    out: dict[str, Any] = {
-        "entries": int(entries),
-        "entries_in_period": int(in_period),
-        "head_seq": int(head[0]) if head else None,
-        "head_hash": str(head[1]) if head else None,
-        "verified": None,
-        "checked": None,
-        "first_bad_seq": None,
-        "reason": "audit verification is not available in this build",
+    The cap is the tightest site-wide ``calendar_month`` ``energy_cap`` in force
+    (``None`` when there is none); energy is conservative when that rule is.  A
+    day's share of the cap is its length over the month's (a 25-hour DST day has a
+    larger share).  Days that had not begun at generation time have no energy
+    (``None``)."""
+    cap = _cap_in_force(config, pb, "calendar_month")
+    day_cap = _cap_in_force(config, pb, "calendar_day")
+    conservative = bool(cap and cap.conservative)
+    rows: list[dict[str, Any]] = []
+    running = 0.0
+    for d in pb.days:
+        start = local_midnight(d, pb.tz)
+        end = local_midnight(d + dt.timedelta(days=1), pb.tz)
+        label = d.isoformat()
+        kwh: float | None = None
+        if start < assess_end:
+            kwh = energy.total(ids, [label])
+            if conservative:
+                kwh += energy.total(ids, [label], gaps=True)
+            running += kwh
+        rows.append({
+            "day": label,
+            "kwh": None if kwh is None else _kwh(kwh),
+            "prorated_limit_kwh": None if cap is None else _kwh(
+                cap.limit_kwh * (end - start) / pb.seconds),
+            "cumulative_kwh": None if kwh is None else _kwh(running),
+            "cumulative_limit_kwh": None if cap is None else _kwh(
+                cap.limit_kwh * (end - pb.start_ts) / pb.seconds),
+        })
+    return {
+        "rule": cap.id if cap else None,
+        "limit_kwh": cap.limit_kwh if cap else None,
+        "basis": "conservative" if conservative else "accounted",
+        "daily_rule": day_cap.id if day_cap else None,
+        "daily_limit_kwh": day_cap.limit_kwh if day_cap else None,
+        "days": rows,
     }
-    try:
-        verify = importlib.import_module("monitor.store.audit").verify
-    except (ImportError, AttributeError):
-        return out
-    try:
-        result = verify(conn)
-    except Exception as exc:  # noqa: BLE001 - a log that cannot be checked is reported, not fatal
-        out.update(verified=False, reason=f"verification could not run: {exc}")
-        return out
-    out.update(verified=bool(result.ok), checked=int(result.checked),
-               first_bad_seq=result.first_bad_seq, reason=str(result.reason))
-    return out
 
 
 # --------------------------------------------------------------------------- build
@@ -471,40 +535,38 @@ def build_report(store: Store, config: Config, period: str, now: float) -> dict[
     Pure over ``store``: reads only, never the clock; ``now`` is the generation
     time (it also ends the assessed span of a month still running).  A month
     without data gives a valid report with zeros.  Raises :class:`ValueError` for
-    a malformed ``period``.
+    a malformed ``period``, and :class:`PeriodNotStartedError` (a ``ValueError``) for
+    a month that begins after ``now``.
 
     All queries run in one read transaction (unless the caller already holds
     one), so a report made while the daemon writes is one consistent snapshot
     of the store: its totals, days and events agree with each other.
     """
-    month(period, config.site.tz)  # validate before touching the store
+    check_started(month(period, config.site.tz), now)  # validate before touching the store
+    reader = Reader(store)
     if store.conn.in_transaction:
-        return _build(store, config, period, now)
+        return _build(reader, config, period, now)
     with snapshot(store.conn):
-        return _build(store, config, period, now)
+        return _build(reader, config, period, now)
 
 
-def _build(store: Store, config: Config, period: str, now: float) -> dict[str, Any]:
+def _build(reader: Reader, config: Config, period: str, now: float) -> dict[str, Any]:
     site = config.site
     tz = site.tz
     pb = month(period, tz)
-    conn = store.conn
     days = [d.isoformat() for d in pb.days]
-    energy = _Energy(conn.execute(
-        "SELECT meter, day, mwh, gap_kwh, gap_s FROM daily WHERE day BETWEEN ? AND ?"
-        " ORDER BY day, meter", (days[0], days[-1])))
-    meters = _meters(store, config, pb, energy.meters)
+    energy = _Energy(reader.daily(pb.first_day, pb.last_day))
+    meters = _meters(reader, config, pb, energy.meters)
     assess_end = min(pb.end_ts, max(now, pb.start_ts))
     assessed_s = assess_end - pb.start_ts
+    first_reading = reader.first_reading()
+    monitored_all_month = first_reading is not None and first_reading <= pb.start_ts
 
     # ---- gaps and anomalies (rows of the month; a gap counts if it overlaps it)
     gaps: list[dict[str, Any]] = []
     unbounded: dict[str, int] = {}
     gap_count: dict[str, int] = {}
-    for gid, meter, g0, g1, upper, reason in conn.execute(
-        "SELECT id, meter, start_ts, end_ts, upper_kwh, reason FROM gaps"
-        " WHERE start_ts < ? AND end_ts > ? ORDER BY start_ts, id", (pb.end_ts, pb.start_ts)
-    ):
+    for gid, meter, g0, g1, upper, reason in reader.gaps(pb.start_ts, pb.end_ts):
         inside = min(g1, pb.end_ts) - max(g0, pb.start_ts)
         span = g1 - g0
         gap_count[meter] = gap_count.get(meter, 0) + 1
@@ -519,16 +581,12 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         })
     anomaly_counts: dict[str, dict[str, int]] = {}
     anomaly_items: list[dict[str, Any]] = []
-    for aid, meter, ts, kind, value, detail in conn.execute(
-        "SELECT id, meter, ts, kind, value, detail FROM anomalies WHERE ts >= ? AND ts < ?"
-        " ORDER BY ts, id", (pb.start_ts, pb.end_ts)
-    ):
+    for aid, meter, ts, kind, value, detail in reader.anomalies(pb.start_ts, pb.end_ts):
         per = anomaly_counts.setdefault(meter, {})
         per[kind] = per.get(kind, 0) + 1
         if kind not in UNLISTED_ANOMALIES:
             anomaly_items.append({"id": aid, "meter": meter, "at": rfc3339_or_none(ts),
-                                  "kind": kind,
-                                  "value": value, "detail": detail})
+                                  "kind": kind, "value": value, "detail": detail})
     anomaly_totals: dict[str, int] = {}
     for per in anomaly_counts.values():
         for kind, n in per.items():
@@ -553,7 +611,8 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "device": m.device,
             "group": m.group,
             "rated_kw": m.rated_kw,
-            "configured": m.configured,
+            "configured": m.configured is not None,
+            **_passport(m.configured, pb),
             "first_seen": rfc3339_or_none(m.first_seen),
             "last_seen": rfc3339_or_none(m.last_seen),
             "accounted_kwh": _kwh(kwh),
@@ -573,9 +632,9 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
     for m in meters.values():
         groups.setdefault(m.group, []).append(m.id)
     group_rows = []
-    for name, ids in sorted(groups.items()):
-        kwh, gap_kwh = energy.total(ids), energy.total(ids, gaps=True)
-        group_rows.append({"group": name, "meters": ids, "accounted_kwh": _kwh(kwh),
+    for name, gids in sorted(groups.items()):
+        kwh, gap_kwh = energy.total(gids), energy.total(gids, gaps=True)
+        group_rows.append({"group": name, "meters": gids, "accounted_kwh": _kwh(kwh),
                            "gap_upper_kwh": _kwh(gap_kwh),
                            "conservative_kwh": _kwh(kwh + gap_kwh)})
 
@@ -589,16 +648,13 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
                          "conservative_kwh": _kwh(kwh + gap_kwh), "meters": by_meter})
 
     total_kwh, total_gap = energy.total(ids), energy.total(ids, gaps=True)
-    peak_kw, peak_at = _peak_15min(store, ids, pb)
+    peak_kw, peak_at = reader.peak_15min(ids, pb.start_ts, pb.end_ts)
 
     # ---- events, alerts, orders, dead letters
     events: list[dict[str, Any]] = []
     event_counts: dict[str, int] = {}
     alerts: list[dict[str, Any]] = []
-    for row in conn.execute(
-        "SELECT event_id, kind, severity, rule, scope, at, body FROM events"
-        " WHERE at >= ? AND at < ? ORDER BY at, id", (pb.start_ts, pb.end_ts)
-    ):
+    for row in reader.events(pb.start_ts, pb.end_ts):
         kind, severity, body = row[1], row[2], _json_obj(row[6])
         item = _event_item(row, body)
         events.append(item)
@@ -608,10 +664,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
                            "after_period_end": False})
     # The alert machine closes a calendar period's alert at the first check of the
     # next period, labelled with the old period: that event is this month's outcome.
-    for row in conn.execute(
-        "SELECT event_id, kind, severity, rule, scope, at, body FROM events"
-        " WHERE kind = 'alert.resolved' AND at >= ? ORDER BY at, id", (pb.end_ts,)
-    ):
+    for row in reader.resolved_since(pb.end_ts):
         body = _json_obj(row[6])
         if _label_in_month(str(body.get("period") or ""), pb):
             alerts.append({**_event_item(row, body),
@@ -619,53 +672,38 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
     # State at the start: the last alert event before it, unless that event's
     # calendar period ended before this month began (a new period starts at ok).
     at_start: dict[tuple[str, str], str] = {}
-    for rule, scope, kind, severity, body_text, _at in conn.execute(
-        "SELECT rule, scope, kind, severity, body, max(at) FROM events"
-        " WHERE kind IN ('alert.firing', 'alert.resolved') AND at < ? GROUP BY rule, scope",
-        (pb.start_ts,),
-    ):
+    for rule, scope, kind, severity, body_text in reader.last_alerts_before(pb.start_ts):
         body = _json_obj(body_text)
         carried = _label_covers(str(body.get("period") or ""), pb.first_day)
         at_start[(rule, scope)] = _event_state(kind, severity, body) if carried else "ok"
     state_now: dict[tuple[str, str], dict[str, Any]] = {}
-    for rule, scope, state, level, since, period_label, data in conn.execute(
-        "SELECT rule, scope, state, level, since, period, data FROM alert_state"
-        " ORDER BY rule, scope"
-    ):
+    for rule, scope, state, level, since, period_label, data in reader.alert_state():
         sd = _json_obj(data)
         state_now[(rule, scope)] = {
             "scope": scope, "state": state, "level": level, "since": rfc3339_or_none(since),
             "period": period_label, "value": _num(sd.get("value")),
             "limit": _num(sd.get("limit")), "unit": sd.get("unit")}
 
-    ctx = _Context(config, pb, store, meters, energy, alerts, at_start, state_now)
+    ctx = _Context(config, pb, reader, meters, energy, alerts, at_start, state_now)
     rules = [_rule_entry(r, ctx) for r in config.rules]
 
     orders: list[dict[str, Any]] = []
     order_counts: dict[str, int] = {}
-    for row in conn.execute(
-        "SELECT order_id, action, scope, rule, meters, target_kw, reason, issued_at, state,"
-        " resends, updated_at, actor, dry_run FROM orders WHERE issued_at >= ? AND issued_at < ?"
-        " ORDER BY issued_at, order_id", (pb.start_ts, pb.end_ts)
-    ):
+    for o in reader.orders(pb.start_ts, pb.end_ts):
         try:
-            order_meters = json.loads(row[4] or "[]")
+            order_meters = json.loads(o[4] or "[]")
         except ValueError:
-            order_meters = [row[4]]
+            order_meters = [o[4]]
         orders.append({
-            "order_id": row[0], "action": row[1], "scope": row[2], "rule": row[3],
+            "order_id": o[0], "action": o[1], "scope": o[2], "rule": o[3],
             "meters": order_meters if isinstance(order_meters, list) else [order_meters],
-            "target_kw": row[5], "reason": row[6], "issued_at": rfc3339_or_none(row[7]),
-            "outcome": row[8], "resends": row[9], "updated_at": rfc3339_or_none(row[10]),
-            "actor": row[11], "dry_run": bool(row[12]),
+            "target_kw": o[5], "reason": o[6], "issued_at": rfc3339_or_none(o[7]),
+            "outcome": o[8], "resends": o[9], "updated_at": rfc3339_or_none(o[10]),
+            "actor": o[11], "dry_run": bool(o[12]),
         })
-        order_counts[row[8]] = order_counts.get(row[8], 0) + 1
+        order_counts[o[8]] = order_counts.get(o[8], 0) + 1
 
-    dead_by_reason = {
-        str(reason): int(n) for reason, n in conn.execute(
-            "SELECT reason, count(*) FROM dead_letters WHERE received_at >= ? AND received_at < ?"
-            " GROUP BY reason ORDER BY reason", (pb.start_ts, pb.end_ts))
-    }
+    dead_by_reason = reader.dead_letters(pb.start_ts, pb.end_ts)
 
     covered_total = sum(r["covered_s"] for r in meter_rows)
     report: dict[str, Any] = {
@@ -678,6 +716,8 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "id": site.id, "name": site.name, "region": site.region,
             "subregion": site.subregion, "category": site.category,
             "timezone": site.timezone, "off_grid": site.off_grid,
+            "owner": site.owner, "inn": site.inn, "address": site.address,
+            "supply_contract": site.supply_contract, "supply_point": site.supply_point,
         },
         "period": {
             "label": pb.label,
@@ -691,7 +731,10 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
             "end_utc": rfc3339_or_none(pb.end_ts),
             "seconds": round(pb.seconds, 3),
             "hours": round(pb.seconds / 3600.0, 6),
-            "complete": now >= pb.end_ts,
+            "ended": now >= pb.end_ts,
+            "monitoring_since": rfc3339_or_none(first_reading),
+            "monitored_from_start": monitored_all_month,
+            "complete": now >= pb.end_ts and monitored_all_month,
             "assessed_until_utc": rfc3339_or_none(assess_end),
             "assessed_s": round(assessed_s, 3),
         },
@@ -708,6 +751,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
         "meters": meter_rows,
         "groups": group_rows,
         "days": day_rows,
+        "chart": _chart(config, pb, energy, ids, assess_end),
         "gaps": gaps,
         "anomalies": {"total": sum(anomaly_totals.values()),
                       "by_kind": dict(sorted(anomaly_totals.items())),
@@ -719,414 +763,7 @@ def _build(store: Store, config: Config, period: str, now: float) -> dict[str, A
                    "items": events},
         "orders": {"total": len(orders), "by_outcome": dict(sorted(order_counts.items())),
                    "items": orders},
-        "audit": _audit(store, pb),
+        "audit": reader.audit(pb.start_ts, pb.end_ts),
     }
     report["sha256"] = content_sha256(report)
     return report
-
-
-# --------------------------------------------------------------------------- JSON
-
-
-def to_json(report: Mapping[str, Any]) -> str:
-    """The report as indented JSON (UTF-8 text), its ``sha256`` recomputed."""
-    doc = {**report, "sha256": content_sha256(report)}
-    return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-# --------------------------------------------------------------------------- CSV
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, list | dict):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return str(value)
-
-
-def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, Mapping):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out.extend(_flat(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return [(prefix, value)]
-
-
-def csv_sections(report: Mapping[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """The CSV sections as ``name -> (header, rows)``, in output order."""
-    sha = content_sha256(report)
-    meta: list[list[Any]] = []
-    for key in ("report", "format_version", "software", "generated_at", "config_sha256",
-                "site", "period", "totals"):
-        meta.extend([k, v] for k, v in _flat(key, report[key]))
-    meta.append(["dead_letters.count", report["dead_letters"]["count"]])
-    meta.append(["anomalies.total", report["anomalies"]["total"]])
-    meta.append(["orders.total", report["orders"]["total"]])
-    meta.extend([k, v] for k, v in _flat("audit", report["audit"]))
-    meta.append(["sha256", sha])
-
-    ids = [m["id"] for m in report["meters"]]
-    by_day: list[list[Any]] = []
-    for d in report["days"]:
-        by_day.append([d["day"], *(d["meters"][i] for i in ids), d["accounted_kwh"],
-                       d["gap_upper_kwh"], d["conservative_kwh"]])
-    by_day.append(["total", *(m["accounted_kwh"] for m in report["meters"]),
-                   report["totals"]["accounted_kwh"], report["totals"]["gap_upper_kwh"],
-                   report["totals"]["conservative_kwh"]])
-
-    meter_cols = ["id", "device", "group", "rated_kw", "configured", "first_seen", "last_seen",
-                  "accounted_kwh", "gap_upper_kwh", "conservative_kwh", "gap_s", "gaps",
-                  "gaps_without_upper_bound", "covered_s", "completeness",
-                  "completeness_since_first_seen", "anomalies"]
-    group_cols = ["group", "meters", "accounted_kwh", "gap_upper_kwh", "conservative_kwh"]
-    rule_cols = ["id", "kind", "scope", "in_force", "not_in_force_reason", "limit", "unit",
-                 "used", "used_share", "state_at_start", "measured_state", "worst_state",
-                 "alerts_firing", "alerts_resolved", "source"]
-    alert_cols = ["rule", "scope", "kind", "state", "severity", "at", "after_period_end",
-                  "period", "value", "limit", "unit", "message"]
-    order_cols = ["order_id", "issued_at", "action", "scope", "rule", "meters", "target_kw",
-                  "outcome", "resends", "updated_at", "actor", "dry_run", "reason"]
-    event_cols = ["at", "kind", "severity", "rule", "scope", "period", "value", "limit", "unit",
-                  "message", "event_id"]
-    anomaly_cols = ["at", "meter", "kind", "value", "detail", "id"]
-    gap_cols = ["meter", "start", "end", "seconds_in_period", "upper_kwh_in_period", "reason",
-                "id"]
-
-    def rows(items: Iterable[Mapping[str, Any]], cols: Sequence[str]) -> list[list[Any]]:
-        return [[it.get(c) for c in cols] for it in items]
-
-    alerts = [a for r in report["rules"] for a in r["alerts"]]
-    return {
-        "report": (["field", "value"], meta),
-        "energy_by_day_kwh": (["day", *ids, "site_accounted_kwh", "site_gap_upper_kwh",
-                               "site_conservative_kwh"], by_day),
-        "meters": (meter_cols, rows(report["meters"], meter_cols)),
-        "groups": (group_cols, rows(report["groups"], group_cols)),
-        "rules": (rule_cols, rows(report["rules"], rule_cols)),
-        "alerts": (alert_cols, rows(alerts, alert_cols)),
-        "orders": (order_cols, rows(report["orders"]["items"], order_cols)),
-        "events": (event_cols, rows(report["events"]["items"], event_cols)),
-        "anomalies": (anomaly_cols, rows(report["anomalies"]["items"], anomaly_cols)),
-        "gaps": (gap_cols, rows(report["gaps"], gap_cols)),
-        "dead_letters": (["reason", "count"],
-                         [[k, v] for k, v in report["dead_letters"]["by_reason"].items()]),
-    }
-
-
-def to_csv(report: Mapping[str, Any]) -> str:
-    """Sections, each a title row ``[name]``, a header row and data rows, separated by
-    an empty row.  The first is ``[report]`` (field, value); the second the
-    day-by-meter table ``[energy_by_day_kwh]``."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\r\n")
-    for i, (name, (header, body)) in enumerate(csv_sections(report).items()):
-        if i:
-            w.writerow([])
-        w.writerow([f"[{name}]"])
-        w.writerow(header)
-        w.writerows([_cell(v) for v in row] for row in body)
-    return buf.getvalue()
-
-
-def parse_csv(text: str) -> dict[str, list[dict[str, str]]]:
-    """Read :func:`to_csv` output back: ``section -> rows as dicts`` (all values text)."""
-    out: dict[str, list[dict[str, str]]] = {}
-    name: str | None = None
-    header: list[str] | None = None
-    for row in csv.reader(io.StringIO(text)):
-        if not row:
-            name = header = None
-        elif name is None:
-            name = row[0].strip("[]")
-            out[name] = []
-        elif header is None:
-            header = row
-        else:
-            out[name].append(dict(zip(header, row, strict=True)))
-    return out
-
-
-# --------------------------------------------------------------------------- HTML
-
-_CSS = """
-body{font:13px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em;color:#111}
-h1{font-size:20px;margin:0 0 .2em}h2{font-size:15px;margin:1.6em 0 .4em;
-border-bottom:1px solid #999}
-table{border-collapse:collapse;margin:.3em 0 1em}th,td{border:1px solid #bbb;
-padding:2px 6px;vertical-align:top}
-th{background:#eee;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.total td{font-weight:bold;background:#f6f6f6}
-.breach{color:#a00;font-weight:bold}.warning{color:#a60;font-weight:bold}.ok{color:#070}
-.muted{color:#666}footer{margin-top:2em;font-size:11px;color:#444;word-break:break-all}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 1em}dt{font-weight:bold}dd{margin:0}
-@media print{body{margin:1cm;font-size:10px}h2{break-after:avoid}tr{break-inside:avoid}}
-"""
-
-
-def _e(value: Any) -> str:
-    if value is None:
-        return "\u2014"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:,.3f}" if abs(value) < 1e15 else repr(value)
-    if isinstance(value, list):
-        return html.escape(", ".join(str(v) for v in value))
-    if isinstance(value, dict):
-        return html.escape(", ".join(f"{k}: {v}" for k, v in value.items()))
-    return html.escape(str(value))
-
-
-def _pct(value: Any) -> str:
-    return "\u2014" if value is None else f"{float(value) * 100:.2f} %"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]],
-           total: Sequence[Any] | None = None, numeric: Iterable[int] = ()) -> str:
-    num = set(numeric)
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(h)}</th>" for h in header),
-           "</tr></thead><tbody>"]
-    body = list(rows)
-    if not body:
-        out.append(f'<tr><td colspan="{len(header)}" class="muted">none</td></tr>')
-    for row in body:
-        out.append("<tr>" + "".join(
-            f'<td class="n">{c}</td>' if i in num else f"<td>{c}</td>"
-            for i, c in enumerate(row)) + "</tr>")
-    if total is not None:
-        out.append('<tr class="total">' + "".join(
-            f'<td class="n">{c}</td>' if i in num else f"<td>{c}</td>"
-            for i, c in enumerate(total)) + "</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _state(s: Any) -> str:
-    cls = s if s in _RANK else "muted"
-    return f'<span class="{cls}">{_e(s)}</span>'
-
-
-def to_html(report: Mapping[str, Any]) -> str:
-    """A self-contained printable page (inline CSS, no scripts, no external assets)."""
-    sha = content_sha256(report)
-    site, per, tot, aud = report["site"], report["period"], report["totals"], report["audit"]
-    title = f"Energy compliance report {per['label']} \u2014 {site['id']}"
-    tz = ZoneInfo(per["timezone"])
-
-    def when(iso_utc: str | None) -> str:
-        """Times are printed in the site's zone with their offset (the JSON keeps UTC)."""
-        if iso_utc is None:
-            return "\u2014"
-        t = dt.datetime.fromtimestamp(parse_rfc3339(iso_utc), tz)
-        return html.escape(t.strftime("%Y-%m-%d %H:%M:%S %z"))
-
-    p: list[str] = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="muted">{_e(site["name"])}. Times are local to {_e(per["timezone"])}, '
-        "with their UTC offset.</p>",
-        "<h2>Site and period</h2><dl>",
-    ]
-    for label, value in (
-        ("Site id", site["id"]), ("Name", site["name"]), ("Region", site["region"]),
-        ("Subregion", site["subregion"]), ("Category", site["category"]),
-        ("Off grid", site["off_grid"]), ("Time zone", per["timezone"]),
-        ("Period", f"{per['label']} ({per['days']} days, {per['hours']:g} h)"),
-        ("Start", f"{per['start_local']} = {per['start_utc']}"),
-        ("End (exclusive)", f"{per['end_local']} = {per['end_utc']}"),
-        ("Period complete", per["complete"]),
-        ("Assessed until", when(per["assessed_until_utc"])),
-    ):
-        p.append(f"<dt>{html.escape(label)}</dt><dd>{_e(value)}</dd>")
-    p.append("</dl>")
-
-    p.append("<h2>Energy</h2><dl>")
-    for label, value in (
-        ("Accounted", f"{tot['accounted_kwh']:,.3f} kWh"),
-        ("Gap upper bound", f"{tot['gap_upper_kwh']:,.3f} kWh"),
-        ("Conservative total", f"{tot['conservative_kwh']:,.3f} kWh"),
-        ("Gaps without an upper bound", tot["gaps_without_upper_bound"]),
-        ("Data completeness", _pct(tot["completeness"])),
-        ("Peak 15-min average", f"{tot['peak_15min_kw']:,.3f} kW at {when(tot['peak_15min_at'])}"),
-    ):
-        p.append(f"<dt>{html.escape(label)}</dt><dd>{_e(value)}</dd>")
-    p.append("</dl>")
-
-    p.append("<h2>Limits and rules</h2>")
-    p.append(_table(
-        ["rule", "kind", "scope", "in force", "limit", "used", "used share", "state at start",
-         "worst state", "alerts firing", "source"],
-        ([_e(r["id"]), _e(r["kind"]), _e(r["scope"]),
-          _e(r["in_force"]) + (f' <span class="muted">({_e(r["not_in_force_reason"])})</span>'
-                               if r["not_in_force_reason"] else ""),
-          "" if r["limit"] is None else f"{_e(r['limit'])} {_e(r['unit'])}",
-          "" if r["used"] is None else f"{_e(r['used'])} {_e(r['unit'])}",
-          _pct(r["used_share"]), _state(r["state_at_start"]), _state(r["worst_state"]),
-          _e(r["alerts_firing"]), _e(r["source"])] for r in report["rules"]),
-        numeric=(4, 5, 6, 9)))
-    alerts = [a for r in report["rules"] for a in r["alerts"]]
-    p.append("<h3>Alerts in the period</h3>")
-    p.append(_table(["at", "rule", "scope", "event", "state", "value", "limit",
-                     "message"],
-                    ([when(a["at"]), _e(a["rule"]), _e(a["scope"]), _e(a["kind"]),
-                      _state(a["state"]), _e(a["value"]), _e(a["limit"]), _e(a["message"])]
-                     for a in alerts), numeric=(5, 6)))
-
-    p.append("<h2>Orders issued</h2>")
-    p.append(_table(["order", "issued", "action", "scope", "rule", "meters", "outcome",
-                     "resends", "dry run", "reason"],
-                    ([_e(o["order_id"]), when(o["issued_at"]), _e(o["action"]), _e(o["scope"]),
-                      _e(o["rule"]),
-                      _e(o["meters"]), _e(o["outcome"]), _e(o["resends"]), _e(o["dry_run"]),
-                      _e(o["reason"])] for o in report["orders"]["items"])))
-
-    p.append("<h2>Meters</h2>")
-    p.append(_table(
-        ["meter", "group", "rated kW", "first seen", "last seen", "accounted kWh",
-         "gap upper kWh", "conservative kWh", "gap time (h)", "completeness",
-         "since first seen", "anomalies"],
-        ([_e(m["id"]), _e(m["group"]), _e(m["rated_kw"]), when(m["first_seen"]),
-          when(m["last_seen"]), _e(m["accounted_kwh"]), _e(m["gap_upper_kwh"]),
-          _e(m["conservative_kwh"]), _e(m["gap_s"] / 3600.0), _pct(m["completeness"]),
-          _pct(m["completeness_since_first_seen"]), _e(m["anomalies"])]
-         for m in report["meters"]),
-        total=["total", "", "", "", "", _e(tot["accounted_kwh"]), _e(tot["gap_upper_kwh"]),
-               _e(tot["conservative_kwh"]), "", _pct(tot["completeness"]), "", ""],
-        numeric=(2, 5, 6, 7, 8, 9, 10)))
-    p.append("<h2>Groups</h2>")
-    p.append(_table(["group", "meters", "accounted kWh", "gap upper kWh", "conservative kWh"],
-                    ([_e(g["group"] or "(none)"), _e(g["meters"]), _e(g["accounted_kwh"]),
-                      _e(g["gap_upper_kwh"]), _e(g["conservative_kwh"])]
-                     for g in report["groups"]), numeric=(2, 3, 4)))
-
-    p.append("<h2>Energy per day (kWh)</h2>")
-    meter_ids = [m["id"] for m in report["meters"]]
-    if len(meter_ids) <= HTML_MAX_METER_COLUMNS:
-        cols = [(mid, [mid]) for mid in meter_ids]
-    else:
-        cols = [(g["group"] or "(none)", g["meters"]) for g in report["groups"]]
-    ncols = len(cols)
-    p.append(_table(
-        ["day", *(c for c, _ in cols), "site", "gap upper", "conservative"],
-        ([_e(d["day"]), *(_e(sum(d["meters"][i] for i in ms)) for _, ms in cols),
-          _e(d["accounted_kwh"]), _e(d["gap_upper_kwh"]), _e(d["conservative_kwh"])]
-         for d in report["days"]),
-        total=["total", *(_e(sum(m["accounted_kwh"] for m in report["meters"] if m["id"] in ms))
-                          for _, ms in cols),
-               _e(tot["accounted_kwh"]), _e(tot["gap_upper_kwh"]), _e(tot["conservative_kwh"])],
-        numeric=range(1, ncols + 4)))
-
-    an = report["anomalies"]
-    p.append(f"<h2>Anomalies ({an['total']})</h2>")
-    p.append(f"<p>By kind: {_e(an['by_kind']) if an['by_kind'] else 'none'}. "
-             f"Not listed: {_e(an['unlisted_kinds'])}.</p>")
-    p.append(_table(["at", "meter", "kind", "value", "detail"],
-                    ([when(a["at"]), _e(a["meter"]), _e(a["kind"]), _e(a["value"]),
-                      _e(a["detail"])] for a in an["items"]), numeric=(3,)))
-    p.append(f"<h2>Data gaps ({len(report['gaps'])})</h2>")
-    p.append(_table(["meter", "start", "end", "hours in period",
-                     "upper bound kWh", "reason"],
-                    ([_e(g["meter"]), when(g["start"]), when(g["end"]),
-                      _e(g["seconds_in_period"] / 3600.0), _e(g["upper_kwh_in_period"]),
-                      _e(g["reason"])] for g in report["gaps"]), numeric=(3, 4)))
-    dl = report["dead_letters"]
-    p.append(f"<h2>Dead letters ({dl['count']})</h2>")
-    p.append(_table(["reason", "count"],
-                    ([_e(k), _e(v)] for k, v in dl["by_reason"].items()), numeric=(1,)))
-    ev = report["events"]
-    p.append(f"<h2>Events ({ev['total']})</h2>")
-    p.append(_table(["at", "kind", "severity", "rule", "scope", "message"],
-                    ([when(e["at"]), _e(e["kind"]), _e(e["severity"]), _e(e["rule"]),
-                      _e(e["scope"]), _e(e["message"])] for e in ev["items"])))
-
-    p.append("<h2>Audit log</h2><dl>")
-    verified = aud["verified"]
-    vtext = ("not checked" if verified is None else
-             f"passes ({aud['checked']} entries checked)" if verified else
-             f"FAILS at entry {aud['first_bad_seq']}: {aud['reason']}")
-    for label, value in (("Entries", aud["entries"]),
-                         ("Entries in the period", aud["entries_in_period"]),
-                         ("Head", f"#{aud['head_seq']} {aud['head_hash']}"
-                          if aud["head_seq"] is not None else "empty log"),
-                         ("Verification", vtext)):
-        p.append(f"<dt>{html.escape(label)}</dt><dd>{_e(value)}</dd>")
-    p.append("</dl>")
-
-    sw = report["software"]
-    p.append(
-        f"<footer><p>Generated {_e(report['generated_at'])} by {_e(sw['name'])} "
-        f"{_e(sw['version'])}; configuration sha256 {_e(report['config_sha256'])}.</p>"
-        f"<p>Report content sha256: <code>{sha}</code> (canonical JSON of the JSON "
-        f"report without its <code>sha256</code> key).</p></footer>")
-    p.extend(["</body>", "</html>", ""])
-    return "\n".join(p)
-
-
-# --------------------------------------------------------------------------- CLI entry
-
-
-RENDERERS = {"json": to_json, "csv": to_csv, "html": to_html}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path = path.resolve()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def run(config: Config, period: str, fmt: str = "json", out_path: Path | str | None = None,
-        *, now: float | None = None, stdout: TextIO | None = None,
-        stderr: TextIO | None = None) -> int:
-    """``energy-monitor report``: build, render, write to ``out_path`` or stdout.
-
-    Raises :class:`ValueError` for a malformed ``period`` or an unknown ``fmt``
-    (a usage error, before anything is opened).  Returns 0, or 1 when the store
-    cannot be read or the output cannot be written (the reason on ``stderr``).
-    The file is replaced atomically: a reader never sees half a report.
-    """
-    parse_month(period)
-    if fmt not in RENDERERS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    out, err = stdout or sys.stdout, stderr or sys.stderr
-    db = Path(config.storage.path)
-    try:
-        store = Store(db, readonly=True)
-    except StoreError as exc:
-        print(f"cannot open the store: {exc}", file=err)
-        return 1
-    try:
-        report = build_report(store, config, period, time.time() if now is None else now)
-    except Exception as exc:  # noqa: BLE001 - any read failure is a run-time failure, exit 1
-        print(f"cannot build the report: {exc}", file=err)
-        return 1
-    finally:
-        store.close()
-    text = RENDERERS[fmt](report)
-    if out_path is None:
-        out.write(text)
-        out.flush()
-        return 0
-    try:
-        _write_atomic(Path(out_path), text)
-    except OSError as exc:
-        print(f"cannot write {out_path}: {exc}", file=err)
-        return 1
-    print(f"report {report['period']['label']} written to {out_path} "
-          f"(sha256 {report['sha256']})", file=err)
-    return 0
