@@ -134,7 +134,6 @@ def build(store: Store, config: Config, now: float,
         "totals": {
             "period_kwh": round(sum(v[0] for v in totals.values()), 6),
             "power_w": round(power_total, 3),
-            "meters": len(meters),
         },
         "meters": meters,
         "groups": sorted(groups.values(), key=lambda g: str(g["group"])),
