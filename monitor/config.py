@@ -927,13 +927,13 @@ def _scan_lines(text: str, file: str) -> dict[KeyPath, Origin]:
             k = _KEY_RE.match(line)
             if k is not None:
                 out.setdefault((*table, *_key_parts(k.group(1))), (file, lineno))
-        value = re.sub(r'"(?:[^"\\]|\\.)*"' "|'[^']*'", "", line.split("=", 1)[-1]
-                       if depth == 0 else line)
-        if '"""' in value or "'''" in value:
-            quote = '"""' if '"""' in value else "'''"
-            if value.count(quote) % 2:
+        raw = line.split("=", 1)[-1] if depth == 0 else line
+        if '"""' in raw or "'''" in raw:
+            quote = '"""' if '"""' in raw else "'''"
+            if raw.count(quote) % 2:
                 in_string = quote
             continue
+        value = re.sub(r'"(?:[^"\\]|\\.)*"' "|'[^']*'", "", raw)
         value = value.split("#", 1)[0]
         depth = max(0, depth + value.count("[") + value.count("{")
                     - value.count("]") - value.count("}"))
