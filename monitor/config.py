@@ -1027,6 +1027,10 @@ def _expand_env(value: str, key: str, problems: list[str]) -> str:
     return ENV_RE.sub(repl, value)
 
 
+#: pydantic's names of union members in an error location: never a key (keys are snake_case)
+_UNION_TAG = re.compile(r"^([A-Z]\w*|[a-z-]+\[.*\]|str|int|float|bool|none|list|dict)$")
+
+
 def _loc(loc: tuple[int | str, ...], data: Any) -> str:
     """Turn a pydantic error location into ``rules[2].limit_kwh``, dropping union tags."""
     parts: list[str] = []
@@ -1040,6 +1044,9 @@ def _loc(loc: tuple[int | str, ...], data: Any) -> str:
             "energy_cap", "power_cap", "ban_window", "stale_data", "curtailment", "reconcile",
         ):
             continue  # discriminated-union tag, not a key the user wrote
+        if (node is not None and not isinstance(node, dict)) or (
+                isinstance(node, dict) and item not in node and _UNION_TAG.match(item)):
+            continue  # a union member's tag (``str``, ``list[str]``, ``ControlTemplate``)
         parts.append(f".{item}" if parts else str(item))
         node = node.get(item) if isinstance(node, dict) else None
     return "".join(parts)
