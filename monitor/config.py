@@ -672,6 +672,7 @@ class WebhookConfig(_Model):
     events: list[str] = Field(default_factory=lambda: ["*"])
     format: Literal["json", "slack", "telegram"] = "json"
     chat_id: str = ""  # Telegram only
+    language: Literal["en", "ru"] = "en"  # of the slack/telegram texts; json is the event
     timeout_s: float = Field(10.0, gt=0)
     max_age_s: float = Field(86400.0, gt=0)
 

@@ -455,3 +455,67 @@ def test_ctrl_c_on_the_demo_stops_everything_and_prints_the_summary(tmp_path: Pa
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_notify_test_reaches_each_webhook_in_its_format_and_language(tmp_path: Path) -> None:
+    hooks = Hooks()
+    try:
+        cfg = minimal(tmp_path, f"""
+[[webhooks]]
+url = "{hooks.url}"
+format = "telegram"
+chat_id = "-100123"
+language = "ru"
+events = ["order.*"]
+
+[[webhooks]]
+url = "{hooks.url}"
+format = "slack"
+""")
+        out = run("notify", "test", "--config", str(cfg))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert [ln.split(": ")[1] for ln in out.stdout.splitlines()] == [
+            "ok, HTTP 200 in " + ln.split(" in ")[1] for ln in out.stdout.splitlines()]
+        tg, slack = hooks.got  # the events filter does not hold back a test
+        assert tg["chat_id"] == "-100123" and tg["parse_mode"] == "HTML"
+        assert "ИНФО · проверка · test-site" in tg["text"]
+        assert "Тестовое сообщение energy-monitor, площадка test-site: вебхук работает" in tg[
+            "text"]
+        assert slack["text"].startswith("ℹ️ INFO notify.test · test-site")  # noqa: RUF001
+        assert "this webhook works" in slack["text"]
+        (tmp_path / "none").mkdir()
+        none = run("notify", "test", "--config", str(minimal(tmp_path / "none", "")))
+        assert none.returncode == 1 and "no [[webhooks]] configured" in none.stderr
+    finally:
+        hooks.close()
+
+
+def test_russian_texts_are_built_from_the_event_fields() -> None:
+    from monitor.config import WebhookConfig  # noqa: PLC0415
+    from monitor.outputs.webhooks.render import render  # noqa: PLC0415
+
+    hook = WebhookConfig(url="https://x.invalid/", format="telegram", chat_id="1",
+                         language="ru")
+
+    def text(**body: Any) -> str:
+        base = {"site": "irk-01", "at": "2026-11-27T02:00:00Z", "event_id": "e1",
+                "message": "english"}
+        return str(json.loads(render(hook, json.dumps({**base, **body})))["text"])
+
+    warn = text(kind="alert.firing", severity="warning", rule="monthly-cap", scope="site",
+                value=4812.5, limit=6000, unit="kWh", period="2026-11", projected=6411.3)
+    assert ("Предупреждение по правилу «monthly-cap» для всей площадки: 4812,5 из 6000 кВт·ч "
+            "(80,2 %), прогноз 6411,3 кВт·ч, период 2026-11") in warn
+    assert "english" not in warn
+    breach = text(kind="alert.firing", severity="critical", rule="b", scope="group:hall-b",
+                  value=0.31, limit=0.3, unit="kWh")
+    assert "Нарушено правило «b» для группы hall-b: 0,31 из 0,3 кВт·ч" in breach
+    order = text(kind="order.issued", severity="warning", rule="", scope="group:hall-b",
+                 action="shutdown", meters=["rig-1", "rig-2"])
+    assert "Приказ на отключение группы hall-b (вручную, оператор); счётчики: rig-1, rig-2" in (
+        order)
+    stale = text(kind="meter.stale", severity="warning", rule="silent", scope="meter:rig-7",
+                 value=1260.0, limit=900.0, unit="s")
+    assert "Счётчик rig-7 молчит 21 мин (допустимо 15 мин)" in stale
+    other = text(kind="something.new", severity="info", rule="", scope="site")
+    assert "english" in other  # no template: the English message, Russian headline

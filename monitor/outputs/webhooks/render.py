@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from monitor.config import WebhookConfig
+from monitor.outputs import chat_ru as ru
 from monitor.store.audit import canonical_json
 
 EVENT_ID_HEADER = "X-Energy-Monitor-Event-Id"
@@ -35,13 +36,22 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def summary(body: Mapping[str, Any]) -> tuple[str, str]:
-    """A readable (headline, detail) pair for chat formats."""
+def _emoji(body: Mapping[str, Any]) -> str:
     kind = str(body.get("kind", "event"))
     severity = str(body.get("severity", "info"))
-    emoji = RESOLVED_EMOJI if kind.endswith((".resolved", ".recovered", ".confirmed")) else (
+    return RESOLVED_EMOJI if kind.endswith((".resolved", ".recovered", ".confirmed")) else (
         SEVERITY_EMOJI.get(severity, SEVERITY_EMOJI["info"])
     )
+
+
+def summary(body: Mapping[str, Any], language: str = "en") -> tuple[str, str]:
+    """A readable (headline, detail) pair for chat formats, in English or (``ru``)
+    Russian (:mod:`monitor.outputs.chat_ru`)."""
+    if language == "ru":
+        return ru.summary(body, _emoji(body), _number)
+    kind = str(body.get("kind", "event"))
+    severity = str(body.get("severity", "info"))
+    emoji = _emoji(body)
     where = " · ".join(
         str(body[k]) for k in ("site", "rule", "scope") if body.get(k) not in (None, "")
     )
@@ -67,7 +77,7 @@ def render(webhook: WebhookConfig, body_text: str) -> bytes:
     if webhook.format == "json":
         return body_text.encode()
     body = json.loads(body_text)
-    headline, detail = summary(body)
+    headline, detail = summary(body, webhook.language)
     if webhook.format == "slack":
         payload: dict[str, Any] = {"text": slack_escape(f"{headline}\n{detail}")}
     else:  # telegram: Bot API sendMessage, HTML with every dynamic part escaped
