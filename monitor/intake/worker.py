@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +47,10 @@ log = logging.getLogger(__name__)
 DEAD_LETTER_KEEP_BYTES = 1024
 IDLE_TICK_S = 1.0  # an idle worker stamps ``taken_at`` this often (watchdog progress)
 STOP = object()  # queue sentinel: drain what came before, then return
-NO_SOURCE, SIGNAL, DISCOVERY = -1, -2, -3  # routes other than a [[sources]] index
+NO_SOURCE, SIGNAL, DISCOVERY, BAD_TOPIC = -1, -2, -3, -4  # routes other than a [[sources]] index
+#: no device publishes these: wildcards (MQTT forbids them in a PUBLISH topic), control
+#: and line-separator characters (they would reach device ids, logs and line protocol)
+_BAD_TOPIC_RE = re.compile("[+#\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: formats whose devices publish Home Assistant discovery configs the parsers can use
 DISCOVERY_FORMATS = frozenset({"esphome", "zigbee2mqtt"})
 
@@ -253,7 +257,9 @@ class Intake:
         idx = self._route.get(topic)
         if idx is None:
             idx = NO_SOURCE
-            if any(topic_matches_sub(t, topic) for t in self._signal_topics):
+            if _BAD_TOPIC_RE.search(topic):
+                idx = BAD_TOPIC
+            elif any(topic_matches_sub(t, topic) for t in self._signal_topics):
                 idx = SIGNAL
             elif (self._discovery_prefix and topic.startswith(self._discovery_prefix)
                   and topic.endswith("/config")):
@@ -317,6 +323,11 @@ class Intake:
                 continue
             if src == DISCOVERY:
                 self._discovery(msg, batch, rep)
+                continue
+            if src == BAD_TOPIC:
+                self._dead(batch, rep, msg, "bad_topic",
+                           "a wildcard or control character in the topic: no device "
+                           "publishes that")
                 continue
             if src == NO_SOURCE:
                 self._dead(batch, rep, msg, "unknown_topic", "no [[sources]] entry matches")
