@@ -15,9 +15,9 @@ demo: deps
 # the report is printed after the tests pass.
 test: deps
 	@rm -f .coverage .coverage.*
-	$(PY) -m coverage run -m pytest -q -p no:cacheprovider
-	@$(PY) -m coverage combine -q
-	@$(PY) -m coverage report | tail -n 25
+	@status=0; $(PY) -m coverage run -m pytest -q -p no:cacheprovider || status=$$?; \
+	  $(PY) -m coverage combine -q && $(PY) -m coverage report | tail -n 25; \
+	  exit $$status
 
 # the fault suite at full size (tests/faults/: 50,000 readings, outages of minutes);
 # `make test` runs its smaller variants

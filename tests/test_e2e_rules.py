@@ -23,7 +23,7 @@ import pytest
 
 from monitor import config
 from monitor.core.model import Message
-from monitor.core.timefmt import parse_rfc3339, rfc3339
+from monitor.core.timefmt import parse_rfc3339
 from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
 from monitor.rules.check import Checker
@@ -565,10 +565,6 @@ max_silence_s = 2
 
 METER_KEYS = {"id", "group", "format", "last_seen", "power_w", "period_kwh", "state"}
 RULE_KEYS = {"id", "scope", "state", "value", "limit", "unit", "projected"}
-
-
-def iso_z(ts: float) -> str:
-    return rfc3339(ts)  # the daemon's one time format: milliseconds when not whole
 
 
 def check_status_shape(st: dict[str, Any], site: str, tz: str) -> None:
