@@ -43,7 +43,7 @@ from monitor.core.accounting import MeterState  # noqa: E402
 from monitor.core.periods import period_bounds  # noqa: E402
 from monitor.rules import evaluate as rules  # noqa: E402
 from monitor.rules.check import build_snapshot  # noqa: E402
-from monitor.store.ledger import Store  # noqa: E402
+from monitor.store.ledger import IntakeBatch, Rollup, Store  # noqa: E402
 
 TZ = "Asia/Irkutsk"
 DAYS = 30
@@ -107,12 +107,19 @@ def fill(db: Path, meters: int, now: float, days: int = DAYS, seed: int = 1) -> 
                 " online, acct) VALUES (?,?,?,?,?,?,?,?,?)", meter_rows())
             c.executemany("INSERT INTO daily (meter, day, mwh, gap_kwh, gap_s)"
                           " VALUES (?,?,round(? * 1e6),?,?)", daily_rows())
-            # the monthly rollup the intake keeps beside `daily` (migration 7)
+            # the monthly and yearly rollups the intake keeps beside `daily` (migrations
+            # 7 and 10)
             c.execute("INSERT INTO monthly (meter, month, mwh, gap_kwh, gap_s)"
                       " SELECT meter, substr(day, 1, 7), sum(mwh), sum(gap_kwh), sum(gap_s)"
                       " FROM daily GROUP BY meter, substr(day, 1, 7)")
+            c.execute("INSERT INTO yearly (meter, year, mwh, gap_kwh, gap_s)"
+                      " SELECT meter, substr(month, 1, 4), sum(mwh), sum(gap_kwh), sum(gap_s)"
+                      " FROM monthly GROUP BY meter, substr(month, 1, 4)")
             c.executemany("INSERT INTO ledger (meter, bucket, mwh) VALUES (?,?,round(? * 1e6))",
                           ledger_rows())
+            # each bucket's count of the batches that wrote it, as Store.commit_batch keeps it
+            c.executemany("INSERT INTO ledger_versions (bucket, n) VALUES (?, 100)",
+                          [(b,) for b in buckets])
             c.execute("INSERT INTO signals (topic, target_kw, until, received_at, payload)"
                       " VALUES ('grid/curtail', 0, ?, ?, '{}')", (now + 600, now - 60))
         store.conn.execute("ANALYZE")
@@ -120,6 +127,25 @@ def fill(db: Path, meters: int, now: float, days: int = DAYS, seed: int = 1) -> 
     finally:
         store.close()
     return {"meters": meters, "daily_rows": meters * days, "ledger_rows": meters * BUCKETS}
+
+
+def _batch(ids: list[str], now: float, cfg: Config, late: bool) -> IntakeBatch:
+    """What the intake commits when every meter reported once (a few Wh each): the
+    bucket holding ``now`` and today's rollups; ``late``: also every bucket of the
+    longest window, as readings of the past hour arriving late write them."""
+    tz = cfg.site.tz
+    day = dt.datetime.fromtimestamp(now, tz).date().isoformat()
+    longest = max(rules.windows_needed(cfg.rules))
+    bucket = int(now // BUCKET_S) * BUCKET_S
+    buckets = [bucket]
+    if late:
+        buckets += list(range(int((now - longest) // BUCKET_S) * BUCKET_S, bucket, BUCKET_S))
+    b = IntakeBatch()
+    for mid in ids:
+        for bkt in buckets:
+            b.ledger[(mid, bkt)] = 5_000
+        b.daily[(mid, day)] = Rollup(5_000 * len(buckets))
+    return b
 
 
 def _median_ms(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
@@ -143,6 +169,8 @@ def run(workdir: Path, meters: int = METERS, days: int = DAYS,
     fill_s = time.perf_counter() - t0
 
     store = Store(db)
+    intake = Store(db, migrate_schema=False)  # the intake's own connection, as in the daemon
+    ids = [f"m{i:05d}" for i in range(meters)]
     try:
         first_t0 = time.perf_counter()
         snap = build_snapshot(store, cfg, now)  # cold: first read after opening
@@ -150,35 +178,65 @@ def run(workdir: Path, meters: int = METERS, days: int = DAYS,
         snap_ms: list[float] = []
         eval_ms: list[float] = []
         for i in range(repeat):
+            # between two checks of a live site every meter reports: one batch (not
+            # timed) books energy into the current bucket and today's rollups
+            intake.commit_batch(_batch(ids, now + 10 * i, cfg, late=False))
             t1 = time.perf_counter()
-            snap = build_snapshot(store, cfg, now + i)
+            snap = build_snapshot(store, cfg, now + 10 * i)
             t2 = time.perf_counter()
             rules.evaluate_all(cfg.rules, snap)
             t3 = time.perf_counter()
             snap_ms.append((t2 - t1) * 1000)
             eval_ms.append((t3 - t2) * 1000)
+        # a backlog drain: readings of the last hour arrive late, so every bucket of
+        # every window was written since the last check and nothing kept is valid
+        late_ms: list[float] = []
+        for i in range(repeat):
+            t = now + 10 * (repeat + i)
+            intake.commit_batch(_batch(ids, t, cfg, late=True))
+            t1 = time.perf_counter()
+            snap = build_snapshot(store, cfg, t)
+            rules.evaluate_all(cfg.rules, snap)
+            late_ms.append((time.perf_counter() - t1) * 1000)
 
         # each read of build_snapshot on its own, to point at the query that costs
         tz = cfg.site.tz
-        today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
+        t = now + 10 * 2 * repeat
+        today = dt.datetime.fromtimestamp(t, tz).date().isoformat()
         steps: dict[str, dict[str, float]] = {}
-        med, mx = _median_ms(store.meters, repeat)
-        steps["meters"] = {"median_ms": med, "max_ms": mx}
+        med, mx = _median_ms(store.meter_states, repeat)
+        steps["meter_states"] = {"median_ms": med, "max_ms": mx}
         for period in sorted(rules.periods_needed(cfg.rules)):
-            start, _end, _label = period_bounds(period, now, tz)
+            start, _end, _label = period_bounds(period, t, tz)
             first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
-            if period == "calendar_day":  # the same reads as monitor.rules.check.build_snapshot
-                med, mx = _median_ms(partial(store.daily_totals, first, today), repeat)
-                steps[f"daily_totals.{period}"] = {"median_ms": med, "max_ms": mx}
-            else:
-                med, mx = _median_ms(partial(store.monthly_totals, first[:7], today[:7]),
-                                     repeat)
-                steps[f"monthly_totals.{period}"] = {"median_ms": med, "max_ms": mx}
-        for window in sorted(rules.windows_needed(cfg.rules)):
-            med, mx = _median_ms(partial(store.energy_between, now - window, now), repeat)
-            steps[f"energy_between.{int(window)}s"] = {"median_ms": med, "max_ms": mx}
+            # the same reads as monitor.rules.check.build_snapshot
+            kind, n = {"calendar_day": ("day", 10), "calendar_year": ("year", 4)}.get(
+                period, ("month", 7))
+            med, mx = _median_ms(partial(store.period_totals, kind, first[:n], today[:n]),
+                                 repeat)
+            steps[f"period_totals.{period}"] = {"median_ms": med, "max_ms": mx}
+        windows = rules.windows_needed(cfg.rules)
+
+        def fresh_current_bucket() -> None:  # the steady state: one bucket re-read
+            intake.commit_batch(_batch(ids[:1], t, cfg, late=False))
+            t0 = time.perf_counter()
+            store.window_energy(windows, t)
+            current.append((time.perf_counter() - t0) * 1000)
+
+        current: list[float] = []
+        for _ in range(repeat):
+            fresh_current_bucket()
+        steps["window_energy.current_bucket_written"] = {
+            "median_ms": round(statistics.median(current), 3), "max_ms": round(max(current), 3)}
+        cold = Store(db, migrate_schema=False)
+        try:  # nothing kept: every range and bucket read (a new connection)
+            med, mx = _median_ms(lambda: Store.window_energy(cold, windows, t), 1)
+            steps["window_energy.nothing_kept"] = {"median_ms": med, "max_ms": mx}
+        finally:
+            cold.close()
     finally:
         store.close()
+        intake.close()
 
     snap_med = statistics.median(snap_ms)
     eval_med = statistics.median(eval_ms)
@@ -196,6 +254,10 @@ def run(workdir: Path, meters: int = METERS, days: int = DAYS,
         "max_ms": round(max(snap_ms), 3),
         "evaluate_median_ms": round(eval_med, 3),
         "check_median_ms": round(snap_med + eval_med, 3),
+        "check_max_ms": round(max(a + b for a, b in zip(snap_ms, eval_ms, strict=True)), 3),
+        "check_ms": [round(a + b, 1) for a, b in zip(snap_ms, eval_ms, strict=True)],
+        "late_check_median_ms": round(statistics.median(late_ms), 3),
+        "late_check_max_ms": round(max(late_ms), 3),
         "period_meters": {p: len(v) for p, v in sorted(snap.period_kwh.items())},
         "steps": steps,
     }

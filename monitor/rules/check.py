@@ -64,55 +64,67 @@ def build_snapshot(store: Store, config: Config, now: float,
     configured meter stale at its first check.
     """
     tz = config.site.tz
-    configured = {m.id: m for m in config.meters}
-    default_interval = config.intake.expected_interval_s
-    meters: dict[str, rules.MeterSnapshot] = {}
-    # fresh meters: the span of their accounted data (first reading .. last reading)
-    reported: dict[str, tuple[float, float]] = {}
-    for row in store.meters():
-        mc = configured.get(row.id) or (
-            config.meter_config(row.id, row.device) if config.meter_patterns else None)
-        interval = mc.expected_interval_s if mc and mc.expected_interval_s else default_interval
-        fresh = row.online and row.last_seen is not None and now - row.last_seen <= 2 * interval
-        if fresh and row.last_seen is not None:
-            reported[row.id] = (row.first_seen or row.last_seen, row.last_seen)
-        meters[row.id] = rules.MeterSnapshot(
-            id=row.id, group=mc.group if mc else row.group,
-            rated_kw=mc.rated_kw if mc else None,
-            last_seen=row.last_seen if row.last_seen is not None else watching_since,
-            online=row.online,
-            power_w=row.power_w if fresh else None, expected_interval_s=interval,
-            first_seen=row.first_seen if row.last_seen is not None else None)
-    period_kwh: dict[str, dict[str, float]] = {}
-    period_gap: dict[str, dict[str, float]] = {}
-    for period in rules.periods_needed(config.rules):
-        start, _end, _label = period_bounds(period, now, tz)
-        first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
+    with store.reading():  # one committed state for every total below
+        meters, reported = _meters(store, config, now, watching_since)
+        period_kwh: dict[str, dict[str, float]] = {}
+        period_gap: dict[str, dict[str, float]] = {}
         today = dt.datetime.fromtimestamp(now, tz).date().isoformat()
-        if period == "calendar_day":
-            totals = store.daily_totals(first, today)
-        else:  # months and years: whole local months from the monthly rollup
-            totals = store.monthly_totals(first[:7], today[:7])
-        period_kwh[period] = {m: v[0] for m, v in totals.items()}
-        period_gap[period] = {m: v[1] for m, v in totals.items()}
-    windows: dict[float, dict[str, float]] = {}
-    covered: dict[float, dict[str, float]] = {}
-    for w in rules.windows_needed(config.rules):
-        windows[w] = store.energy_between(now - w, now)
-        covered[w] = _covered(windows[w], w, now, reported, meters)
-    signals = {
-        topic: Signal(target_kw=kw if kw is not None else 0.0,
-                            until=until if until is not None else 0.0, received_at=at)
-        for topic, kw, until, at in store.conn.execute(
-            "SELECT topic, target_kw, until, received_at FROM signals")
-    }
+        for period in sorted(rules.periods_needed(config.rules)):
+            start, _end, _label = period_bounds(period, now, tz)
+            first = dt.datetime.fromtimestamp(start, tz).date().isoformat()
+            # whole local days, months or years, each from its own rollup
+            if period == "calendar_day":
+                kwh, gap = store.period_totals("day", first, today)
+            elif period == "calendar_year":
+                kwh, gap = store.period_totals("year", first[:4], today[:4])
+            else:
+                kwh, gap = store.period_totals("month", first[:7], today[:7])
+            period_kwh[period], period_gap[period] = kwh, gap
+        windows = store.window_energy(rules.windows_needed(config.rules), now)
+        signals = {
+            topic: Signal(target_kw=kw if kw is not None else 0.0,
+                          until=until if until is not None else 0.0, received_at=at)
+            for topic, kw, until, at in store.conn.execute(
+                "SELECT topic, target_kw, until, received_at FROM signals")
+        }
+    covered = {w: _covered(kwh, w, now, reported, meters) for w, kwh in windows.items()}
     return rules.Snapshot(now=now, site=config.site, meters=meters, period_kwh=period_kwh,
                           period_gap_kwh=period_gap, window_kwh=windows, signals=signals,
                           window_covered_s=covered)
 
 
+def _meters(store: Store, config: Config, now: float, watching_since: float | None
+            ) -> tuple[dict[str, rules.MeterSnapshot], dict[str, float]]:
+    """Every meter as the rules see it, and the last reading of the fresh ones
+    (reported within twice their interval): their accounted data spans from their
+    ``first_seen`` (or that last reading) to it.  (Floats, not span tuples: a dict of
+    floats is not tracked by the garbage collector, 10,000 tuples per check are.)"""
+    configured = {m.id: m for m in config.meters}
+    patterns = bool(config.meter_patterns)
+    default_interval = config.intake.expected_interval_s
+    meters: dict[str, rules.MeterSnapshot] = {}
+    reported: dict[str, float] = {}
+    snapshot = rules.MeterSnapshot
+    for mid, device, stored_group, first_seen, last_seen, power_w, online in \
+            store.meter_states():
+        mc = configured.get(mid) or (config.meter_config(mid, device) if patterns else None)
+        if mc is not None:
+            interval = mc.expected_interval_s or default_interval
+            group, rated = mc.group, mc.rated_kw
+        else:
+            group, interval, rated = stored_group, default_interval, None
+        fresh = online and last_seen is not None and now - last_seen <= 2 * interval
+        if fresh and last_seen is not None:
+            reported[mid] = last_seen
+        meters[mid] = snapshot(
+            mid, group, rated, last_seen if last_seen is not None else watching_since,
+            bool(online), power_w if fresh else None, interval,
+            first_seen if last_seen is not None else None)
+    return meters, reported
+
+
 def _covered(kwh: dict[str, float], window_s: float, now: float,
-             reported: dict[str, tuple[float, float]],
+             reported: dict[str, float],
              meters: dict[str, rules.MeterSnapshot]) -> dict[str, float]:
     """The seconds of ``[now - window_s, now]`` each meter's window energy covers.
 
@@ -129,14 +141,20 @@ def _covered(kwh: dict[str, float], window_s: float, now: float,
     """
     start = now - window_s
     out: dict[str, float] = {}
-    for meter in kwh:
-        span = reported.get(meter)
-        if span is not None and start < span[1] <= now:
-            out[meter] = max(0.0, span[1] - max(start, span[0]))
-            continue
-        m = meters.get(meter)
+    last_of, meter_of = reported.get, meters.get
+    for meter in kwh:  # max() spelt out: this runs for every meter and window
+        last = last_of(meter)
+        m = meter_of(meter)
         first = m.first_seen if m is not None else None
-        out[meter] = window_s if first is None else max(0.0, now - max(start, first))
+        if last is not None and start < last <= now:
+            lo = first if first else last  # its data starts at its first reading
+            d = last - (lo if lo > start else start)
+        elif first is None:
+            out[meter] = window_s
+            continue
+        else:
+            d = now - (first if first > start else start)
+        out[meter] = d if d > 0.0 else 0.0
     return out
 
 

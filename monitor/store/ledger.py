@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from monitor.core.accounting import MWH_PER_KWH
+from monitor.core.accounting import BUCKET_S, MWH_PER_KWH
 from monitor.store import db, kv
 from monitor.store.db import StoreError, migrate
 
@@ -87,6 +87,10 @@ class MeterRow:
     acct: str
 
 
+#: period -> (rollup table, its period column)
+_ROLLUPS = {"day": ("daily", "day"), "month": ("monthly", "month"), "year": ("yearly", "year")}
+
+
 def _add_rollup(c: sqlite3.Connection, table: str, period_col: str,
                 rows: dict[tuple[str, str], Rollup]) -> None:
     """Add ``(meter, period) -> Rollup`` to the ``daily`` or ``monthly`` rollup."""
@@ -114,9 +118,23 @@ class Store:
             self.conn = db.connect(path)
             if migrate_schema:
                 migrate(self.conn)
+        # window sums kept between calls (:meth:`window_energy`), valid while the
+        # ledger_versions counts they were read under hold
+        self._ranges: dict[tuple[int, int], tuple[tuple[int | None, ...], dict[str, int]]] = {}
+        self._buckets: dict[int, tuple[int, dict[str, int]]] = {}
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (:func:`monitor.store.db.snapshot`): every SELECT inside
+        sees one committed state.  Inside a transaction already, it joins that one."""
+        if self.conn.in_transaction:
+            yield self.conn
+            return
+        with db.snapshot(self.conn) as c:
+            yield c
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -144,6 +162,11 @@ class Store:
                         " ON CONFLICT (meter, bucket) DO UPDATE SET mwh = mwh + excluded.mwh",
                         [(m, bkt, v) for (m, bkt), v in b.ledger.items()],
                     )
+                    # in the same transaction: a reader keeping a bucket's rows sees it move
+                    c.executemany(
+                        "INSERT INTO ledger_versions (bucket, n) VALUES (?, 1)"
+                        " ON CONFLICT (bucket) DO UPDATE SET n = n + 1",
+                        [(bkt,) for bkt in {bkt for _m, bkt in b.ledger}])
                 if b.daily:
                     months: dict[tuple[str, str], Rollup] = {}
                     for (m, d), v in b.daily.items():
@@ -151,6 +174,13 @@ class Store:
                         if acc is None:
                             acc = months[(m, d[:7])] = Rollup()
                         acc.add(v)
+                    years: dict[tuple[str, str], Rollup] = {}
+                    for (m, mo), v in months.items():
+                        acc = years.get((m, mo[:4]))
+                        if acc is None:
+                            acc = years[(m, mo[:4])] = Rollup()
+                        acc.add(v)
+                    _add_rollup(c, "yearly", "year", years)
                     _add_rollup(c, "monthly", "month", months)
                     _add_rollup(c, "daily", "day", b.daily)
                 if b.gaps:
@@ -220,27 +250,50 @@ class Store:
 
     # ------------------------------------------------------------------ queries
 
+    def meter_states(self) -> list[tuple[str, str, str, float | None, float | None,
+                                         float | None, int]]:
+        """``(id, device, group, first_seen, last_seen, power_w, online)`` of every meter
+        by id: what a rule check needs, without the accounting state (:meth:`meters`)."""
+        return self.conn.execute(
+            "SELECT id, device, grp, first_seen, last_seen, power_w, online FROM meters"
+            " ORDER BY id").fetchall()
+
+    def period_totals(self, period: str, first: str, last: str
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+        """kWh and gap upper bound (kWh) per meter over the local periods ``[first, last]``
+        of ``period`` (``day``: ``YYYY-MM-DD``, ``month``: ``YYYY-MM``, ``year``:
+        ``YYYY``), from the rollup of that period."""
+        table, col = _ROLLUPS[period]
+        if first == last:  # one period: one row per meter, read in key order, no sorting
+            rows = self.conn.execute(
+                f"SELECT meter, mwh, gap_kwh FROM {table} WHERE {col} = ?", (first,)).fetchall()
+        else:
+            rows = self.conn.execute(
+                f"SELECT meter, sum(mwh), sum(gap_kwh) FROM {table}"
+                f" WHERE {col} BETWEEN ? AND ? GROUP BY meter", (first, last)).fetchall()
+        return ({m: mwh / MWH_PER_KWH for m, mwh, _gap in rows},
+                {m: gap for m, _mwh, gap in rows})
+
+    def _totals(self, period: str, first: str, last: str) -> dict[str, tuple[float, float]]:
+        kwh, gap = self.period_totals(period, first, last)
+        return {m: (v, gap[m]) for m, v in kwh.items()}
+
+    def yearly_totals(self, year_from: str, year_to: str) -> dict[str, tuple[float, float]]:
+        """kWh and gap upper bound per meter over local years ``[year_from, year_to]``
+        (``YYYY``), from the yearly rollup."""
+        return self._totals("year", year_from, year_to)
+
     def monthly_totals(self, month_from: str, month_to: str) -> dict[str, tuple[float, float]]:
         """kWh and gap upper bound per meter over local months ``[month_from, month_to]``
         (``YYYY-MM``), from the monthly rollup."""
-        return {
-            m: (to_kwh(mwh), gap)
-            for m, mwh, gap in self.conn.execute(
-                "SELECT meter, sum(mwh), sum(gap_kwh) FROM monthly WHERE month BETWEEN ? AND ?"
-                " GROUP BY meter", (month_from, month_to))
-        }
+        return self._totals("month", month_from, month_to)
 
     def daily_totals(self, day_from: str, day_to: str) -> dict[str, tuple[float, float]]:
         """kWh and gap upper bound per meter over local days ``[day_from, day_to]``."""
-        return {
-            m: (to_kwh(mwh), gap)
-            for m, mwh, gap in self.conn.execute(
-                "SELECT meter, sum(mwh), sum(gap_kwh) FROM daily WHERE day BETWEEN ? AND ?"
-                " GROUP BY meter", (day_from, day_to))
-        }
+        return self._totals("day", day_from, day_to)
 
     def energy_between(self, start_ts: float, end_ts: float,
-                       bucket_s: int = 900) -> dict[str, float]:
+                       bucket_s: int = BUCKET_S) -> dict[str, float]:
         """kWh per meter accounted in ``[start_ts, end_ts]`` (``end_ts`` is "now").
 
         A window shorter than a ledger bucket is summed from the readings: each
@@ -252,19 +305,103 @@ class Store:
         """
         if end_ts - start_ts < bucket_s:
             return self._energy_from_readings(start_ts, end_ts)
-        first = int(start_ts // bucket_s) * bucket_s
-        out: dict[str, float] = {}
-        for meter, bucket, mwh in self.conn.execute(
-            "SELECT meter, bucket, mwh FROM ledger WHERE bucket >= ? AND bucket < ?",
-            (first, end_ts),
-        ):
-            lo, hi = max(bucket, start_ts), min(bucket + bucket_s, end_ts)
-            if hi <= lo:
-                continue
-            span = min(bucket_s, end_ts - bucket)
-            share = 1.0 if hi - lo >= span else (hi - lo) / span
-            out[meter] = out.get(meter, 0.0) + to_kwh(mwh) * share
+        return self.window_energy([end_ts - start_ts], end_ts, bucket_s)[end_ts - start_ts]
+
+    def window_energy(self, windows: Iterable[float], end_ts: float,
+                      bucket_s: int = BUCKET_S) -> dict[float, dict[str, float]]:
+        """:meth:`energy_between` ``(end_ts - w, end_ts)`` for each window ``w``, at once.
+
+        The buckets wholly inside a window and closed (not the one holding
+        ``end_ts``) are summed in SQL as whole mWh, and the sum is kept on this
+        store while every bucket of that range has the same ``ledger_versions``
+        count: :meth:`commit_batch` bumps the count of each bucket it writes in the
+        same transaction, so a reading committed into any bucket, however old,
+        makes the next call read the range again.  A range holding a bucket without
+        a count (written before migration 10) is never kept.  The first and the
+        last bucket of a window are read per bucket, kept the same way.  Call it
+        inside a read transaction (:meth:`reading`) so the counts and the rows are
+        one committed state; a count read after its rows would be conservative
+        anyway (the rows are then newer than the count they are kept under).
+        """
+        ws = sorted(set(windows))
+        out: dict[float, dict[str, float]] = {
+            w: self._energy_from_readings(end_ts - w, end_ts) for w in ws if w < bucket_s}
+        long = [w for w in ws if w >= bucket_s]
+        if not long:
+            return out
+        first = int((end_ts - long[-1]) // bucket_s) * bucket_s
+        versions: dict[int, int] = dict(self.conn.execute(
+            "SELECT bucket, n FROM ledger_versions WHERE bucket >= ? AND bucket < ?",
+            (first, end_ts)))
+        ranges: dict[tuple[int, int], tuple[tuple[int | None, ...], dict[str, int]]] = {}
+        buckets: dict[int, tuple[int, dict[str, int]]] = {}
+        for w in long:
+            start = end_ts - w
+            edges: list[tuple[int, float]] = []  # (bucket, share): read per bucket
+            whole: list[int] = []  # closed buckets wholly inside the window
+            bkt = int(start // bucket_s) * bucket_s
+            while bkt < end_ts:
+                lo, hi = max(bkt, start), min(bkt + bucket_s, end_ts)
+                if hi > lo:
+                    span = min(bucket_s, end_ts - bkt)
+                    if hi - lo < span:
+                        edges.append((bkt, (hi - lo) / span))
+                    elif bkt + bucket_s > end_ts:  # still being filled: whole so far
+                        edges.append((bkt, 1.0))
+                    else:
+                        whole.append(bkt)
+                bkt += bucket_s
+            mwh: dict[str, int] = {}
+            if whole:
+                mwh = dict(self._closed_range(whole[0], whole[-1] + bucket_s, bucket_s,
+                                              versions, ranges))
+            kwh: dict[str, float]
+            shares: list[tuple[dict[str, int], float]] = []
+            for b, share in edges:
+                rows = self._bucket_rows(b, versions, buckets)
+                if share == 1.0:
+                    for m, v in rows.items():
+                        mwh[m] = mwh.get(m, 0) + v
+                else:
+                    shares.append((rows, share))
+            kwh = {m: v / MWH_PER_KWH for m, v in mwh.items()}
+            for rows, share in shares:
+                for m, v in rows.items():
+                    kwh[m] = kwh.get(m, 0.0) + v / MWH_PER_KWH * share
+            out[w] = kwh
+        self._ranges, self._buckets = ranges, buckets  # keep only what this call used
         return out
+
+    def _closed_range(self, lo: int, hi: int, bucket_s: int, versions: dict[int, int],
+                      used: dict[tuple[int, int], tuple[tuple[int | None, ...],
+                                                      dict[str, int]]]) -> dict[str, int]:
+        """Whole mWh per meter in the buckets ``[lo, hi)`` (closed: nothing but a late
+        reading writes them), kept while their ``ledger_versions`` counts hold."""
+        key = tuple(versions.get(b) for b in range(lo, hi, bucket_s))
+        kept = used.get((lo, hi)) or self._ranges.get((lo, hi))
+        if kept is not None and kept[0] == key and None not in key:
+            used[(lo, hi)] = kept
+            return kept[1]
+        sums: dict[str, int] = dict(self.conn.execute(
+            "SELECT meter, sum(mwh) FROM ledger WHERE bucket >= ? AND bucket < ?"
+            " GROUP BY meter", (lo, hi)))
+        if None not in key:
+            used[(lo, hi)] = (key, sums)
+        return sums
+
+    def _bucket_rows(self, bkt: int, versions: dict[int, int],
+                     used: dict[int, tuple[int, dict[str, int]]]) -> dict[str, int]:
+        """Whole mWh per meter in one bucket, kept while its ``ledger_versions`` count holds."""
+        n = versions.get(bkt)
+        kept = used.get(bkt) or self._buckets.get(bkt)
+        if kept is not None and n is not None and kept[0] == n:
+            used[bkt] = kept
+            return kept[1]
+        rows: dict[str, int] = dict(self.conn.execute(
+            "SELECT meter, mwh FROM ledger WHERE bucket = ?", (bkt,)))
+        if n is not None:
+            used[bkt] = (n, rows)
+        return rows
 
     def _energy_from_readings(self, start_ts: float, end_ts: float) -> dict[str, float]:
         # since_ts is NULL only in rows written before it existed: taken as an instant

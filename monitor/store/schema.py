@@ -32,6 +32,8 @@ TABLES: dict[str, Table] = {
     "ledger": Table("monitor.store", ("monitor.report",), "mWh per meter per 15 min"),
     "daily": Table("monitor.store", ("monitor.report",), "mWh per meter per local day"),
     "monthly": Table("monitor.store", (), "mWh per meter per local month"),
+    "yearly": Table("monitor.store", (), "mWh per meter per local year"),
+    "ledger_versions": Table("monitor.store", (), "batches that wrote each ledger bucket"),
     "gaps": Table("monitor.store", ("monitor.report",), "data gaps and their bounds"),
     "anomalies": Table("monitor.store", ("monitor.report",), "resets, jumps, jitter"),
     "dead_letters": Table("monitor.store", ("monitor.app", "monitor.report"),
@@ -381,6 +383,34 @@ MIGRATIONS: list[tuple[int, str]] = [
             PRIMARY KEY (meter, kind)
         ) WITHOUT ROWID;
         CREATE INDEX anomalies_ts ON anomalies (ts);
+        """,
+    ),
+    (
+        10,
+        """
+        -- rollup of `monthly` per local calendar year, kept in the same transaction: a
+        -- year's total is one row per meter, not twelve rows summed and sorted by meter
+        CREATE TABLE yearly (
+            meter TEXT NOT NULL,
+            year TEXT NOT NULL,
+            mwh INTEGER NOT NULL DEFAULT 0,
+            export_mwh INTEGER NOT NULL DEFAULT 0,
+            gap_kwh REAL NOT NULL DEFAULT 0,
+            gap_s REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (year, meter)
+        ) WITHOUT ROWID;
+        INSERT INTO yearly (meter, year, mwh, export_mwh, gap_kwh, gap_s)
+            SELECT meter, substr(month, 1, 4), sum(mwh), sum(export_mwh), sum(gap_kwh),
+                   sum(gap_s)
+            FROM monthly GROUP BY meter, substr(month, 1, 4);
+
+        -- how many committed batches wrote each ledger bucket, bumped in the batch's own
+        -- transaction: a reader may keep a bucket's rows while its count is unchanged
+        -- (the rule check's window sums); a bucket without a row is never kept
+        CREATE TABLE ledger_versions (
+            bucket INTEGER PRIMARY KEY,
+            n INTEGER NOT NULL
+        );
         """,
     ),
 ]
