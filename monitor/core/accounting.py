@@ -7,10 +7,25 @@ order; :func:`apply` updates that state in place and returns what to record.
 The rules, in the order they are checked:
 
 * A reading not newer than the last applied one adds nothing (this, plus the
-  intake's redelivery check, makes QoS 1 duplicates harmless) -- except a
-  counter reading whose value went *up*: a device clock that ran fast and was
-  corrected must not hide the readings that follow it, so such a reading is
-  taken as of the last applied time (anomaly ``clock_backwards``).
+  intake's redelivery check, makes QoS 1 duplicates harmless) -- except when a
+  clock stepped back: a reading stamped on receipt (the daemon's own clock went
+  back: a bad NTP sync, an RTC in local time) or a counter reading whose value
+  went *up* (a device clock that ran fast and was corrected).  Then the
+  counter delta is real energy whatever the timestamps say, so it is counted,
+  never re-baselined, and the meter's time is stepped with the clock
+  (:func:`_step_back`): the durations between readings stay those of the
+  readings' own clock (integration, the plausibility bound and gap detection
+  are unchanged), but energy is *booked* never before the last booked time --
+  increments are held at that instant (``hold_ts``) until the clock passes it
+  again, so no closed bucket, day or month is reopened, and nothing is booked
+  more than the step away from where it happened.  Anomaly ``clock_step``
+  (receipt time) or ``clock_backwards`` (device time), value = the step in
+  seconds (negative: back).  A step back larger than ``CLOCK_HOLD_MAX_S`` is
+  not held (the stored times are wrong, e.g. from a clock far ahead or an old
+  state without clock bounds): the meter's clock restarts at the new time
+  (``clock_reset``), its counter kept.  A forward step needs no rule: the next
+  increment spans the longer apparent interval (a power-only meter's interval
+  longer than ``max_gap_s`` is then a ``silence`` gap).
 * A cumulative counter (``energy_kwh``) is the source of truth when a meter has
   one.  The first value is a baseline (energy before the daemon knew the meter
   is not counted).  An increase is counted.  A decrease is a new counter cycle
@@ -72,6 +87,9 @@ PLAUSIBILITY_SLACK = 1.25
 PLAUSIBILITY_EPSILON_KWH = 0.002  # two digits of a 0.001 kWh counter (rounding)
 ANCHOR_WINDOW_S = 3600.0
 ANCHOR_MIN_STEP_S = 1.0
+#: the largest clock step back whose energy is held at the last booked time (see the
+#: module docstring); DST/zone confusions and bad NTP syncs are hours, never more
+CLOCK_HOLD_MAX_S = 6 * 3600.0
 
 
 @dataclass(slots=True)
@@ -91,6 +109,8 @@ class MeterState:
     export_kwh: float | None = None  # export counter baseline
     export_ts: float | None = None
     carry_mwh: float = 0.0  # the fraction of a mWh not booked yet (about 0 <= carry < 1)
+    #: after a clock step back: energy is booked at this time until the clock passes it
+    hold_ts: float | None = None
 
     def to_json(self) -> str:
         # written for every meter a batch touched: no dataclasses.asdict (deep copies)
@@ -139,7 +159,8 @@ class Gap:
 class Anomaly:
     ts: float
     #: reset | meter_replaced | counter_backwards | jitter | quarantine | out_of_order |
-    #: stale_retained | clock_backwards | clock_ahead | clock_too_old | clock_reset
+    #: stale_retained | clock_backwards | clock_step | clock_ahead | clock_too_old |
+    #: clock_reset
     kind: str
     value: float | None
     detail: str = ""
@@ -153,6 +174,8 @@ class Outcome:
     gaps: list[Gap] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    #: the time this reading's energy is booked at (its own, or a held ``hold_ts``)
+    book_ts: float = 0.0
 
 
 def _upper(params: MeterParams, seconds: float) -> float | None:
@@ -169,16 +192,16 @@ def apply(state: MeterState, r: Reading, params: MeterParams, retained: bool = F
     ts = r.ts
     if state.last_ts is not None and ts < state.last_ts:
         ahead = (r.energy_kwh is not None and state.counter_kwh is not None
-                 and r.energy_kwh > state.counter_kwh and not retained)
-        if not ahead:
+                 and r.energy_kwh > state.counter_kwh)
+        if retained or not (ahead or r.ts_source is TsSource.RECEIVED):
             out.anomalies.append(Anomaly(ts, "out_of_order", r.energy_kwh,
                                          f"after {state.last_ts}"))
             out.flags.append("out_of_order")
+            out.book_ts = max(ts, state.hold_ts or ts)
             return out
-        out.anomalies.append(Anomaly(ts, "clock_backwards", r.energy_kwh,
-                                     f"device time {ts} before {state.last_ts}: taken as then"))
-        out.flags.append("clock_backwards")
-        ts = state.last_ts
+        kind = "clock_step" if r.ts_source is TsSource.RECEIVED else "clock_backwards"
+        out.anomalies.append(_step_back(state, ts, kind, params))
+        out.flags.append(out.anomalies[-1].kind)
     if r.energy_kwh is not None:
         _counter(state, ts, r.energy_kwh, params, retained, out)
     elif r.power_w is not None and not state.has_counter:
@@ -190,7 +213,76 @@ def apply(state: MeterState, r: Reading, params: MeterParams, retained: bool = F
         state.power_ts = ts
     state.offline_since = None
     state.last_ts = ts
+    _book(state, ts, out)
     return out
+
+
+def _shift(t: float | None, by: float) -> float | None:
+    return None if t is None else t + by
+
+
+def _step_back(state: MeterState, ts: float, kind: str, params: MeterParams) -> Anomaly:
+    """The meter's clock stepped back to ``ts``: step its stored times with it.
+
+    Every stored time moves by the step, so the next durations are those the
+    readings' own clock measures, and the counter baseline is kept.  The
+    interval across the step has no known length: power is not integrated over
+    it (a power-only meter's reading across the step is only a new baseline),
+    and the plausibility bounds judge it as if it lasted ``max_gap_s`` (the
+    counter, export and anchor times move ``max_gap_s`` further back), so a
+    real delta across the step is never quarantined for want of time.  Energy is then
+    held at the last booked time (``hold_ts``) until the clock passes it again;
+    a step beyond :data:`CLOCK_HOLD_MAX_S` is not held (``clock_reset``).
+    """
+    assert state.last_ts is not None
+    booked = max(state.last_ts, state.hold_ts if state.hold_ts is not None else state.last_ts)
+    if kind == "clock_reset" or booked - ts > CLOCK_HOLD_MAX_S:
+        kind, state.hold_ts = "clock_reset", None
+        detail = (f"stored time {state.last_ts} is {state.last_ts - ts:.0f}s after this "
+                  f"reading (more than {CLOCK_HOLD_MAX_S:.0f}s held at most): the meter's "
+                  "clock restarts now, its counter kept")
+    else:
+        state.hold_ts = booked
+        detail = (f"{kind.replace('_', ' ')} of {ts - state.last_ts:.3f}s (from "
+                  f"{state.last_ts} to {ts}): energy booked at {booked} until the clock "
+                  "passes it")
+    step = ts - state.last_ts
+    credit = step - params.max_gap_s  # the interval across the step, for the bounds only
+    if state.anchor_ts is None and state.counter_ts is not None:
+        state.anchor_ts, state.anchor_kwh = state.counter_ts, 0.0
+    state.counter_ts = _shift(state.counter_ts, credit)
+    state.power_ts = _shift(state.power_ts, step)
+    state.export_ts = _shift(state.export_ts, credit)
+    state.anchor_ts = _shift(state.anchor_ts, credit)
+    state.offline_since = _shift(state.offline_since, step)
+    state.last_ts = ts
+    return Anomaly(ts, kind, step, detail)
+
+
+def restart_clock(state: MeterState, ts: float, params: MeterParams) -> Anomaly:
+    """``clock_reset``: the state's times are far ahead of ``ts`` (an older version
+    stored an unbounded device time, or the clock was corrected by more than
+    :data:`CLOCK_HOLD_MAX_S`); step them back to ``ts``, counter kept, nothing held."""
+    return _step_back(state, ts, "clock_reset", params)
+
+
+def _book(state: MeterState, ts: float, out: Outcome) -> None:
+    """Never book before the time held since a clock step (see :func:`_step_back`)."""
+    hold = state.hold_ts
+    if hold is None:
+        out.book_ts = ts
+        return
+    if ts >= hold:  # the clock has passed the held time: from it on, as usual
+        state.hold_ts = None
+        out.book_ts = ts
+        out.increments = [Increment(max(i.start_ts, hold), i.end_ts, i.kwh)
+                          for i in out.increments]
+        out.gaps = [dataclasses.replace(g, start_ts=max(g.start_ts, hold))
+                    for g in out.gaps]
+        return
+    out.book_ts = hold
+    out.increments = [Increment(hold, hold, i.kwh) for i in out.increments]
+    out.gaps = [dataclasses.replace(g, start_ts=hold, end_ts=hold) for g in out.gaps]
 
 
 def _counter(

@@ -439,16 +439,18 @@ class Intake:
             batch.anomalies.append((m.id, r.ts, clock, r.device_ts,
                                     f"device time {r.device_ts} received at {msg.received_at}"))
             self.metrics.anomalies.labels(clock).inc()
-        if m.state.last_ts is not None and m.state.last_ts > msg.received_at + \
-                self._clock.max_ahead_s:
-            # the state holds a time from a clock that was never bounded (an older
-            # version stored it): start the meter's clock again, keep its counter
-            batch.anomalies.append((m.id, r.ts, "clock_reset", m.state.last_ts,
-                                    "stored time was in the future"))
-            self.metrics.anomalies.labels("clock_reset").inc()
-            m.state.last_ts = m.state.counter_ts = m.state.power_ts = None
-            m.state.anchor_ts, m.state.export_ts = None, None
+        reset = None
+        if m.state.last_ts is not None and m.state.last_ts > max(msg.received_at, r.ts) + \
+                accounting.CLOCK_HOLD_MAX_S:
+            # the state holds a time far ahead of any clock now (an older version
+            # stored an unbounded device time, or the clock was corrected by hours):
+            # restart the meter's clock, keep its counter: the next delta is counted.
+            # A smaller step back is accounting's (clock_step: held, never lost)
+            reset = accounting.restart_clock(m.state, r.ts, m.params)
         out = accounting.apply(m.state, r, m.params, msg.retain)
+        if reset is not None:
+            out.anomalies.insert(0, reset)
+            out.flags.append("clock_reset")
         if msg.retain:
             out.flags.append("retained")
         if clock:
@@ -470,7 +472,7 @@ class Intake:
                 batch.ledger[key] = batch.ledger.get(key, 0) + part
                 self._rollup(batch, m.id, bucket).mwh += part
         if out.export_delta_kwh > 0:
-            bucket = int(r.ts // accounting.BUCKET_S) * accounting.BUCKET_S
+            bucket = int(out.book_ts // accounting.BUCKET_S) * accounting.BUCKET_S
             self._rollup(batch, m.id, bucket).export_mwh += round(
                 out.export_delta_kwh * accounting.MWH_PER_KWH)
         for g in out.gaps:

@@ -21,12 +21,6 @@ from sim import simulate
 from tests.faults.harness import SimRun, Site, assert_ledger_matches, fleet_body, options
 from tests.servers import Mosquitto
 
-#: a known, unfixed bug (see docs/operations.md, "The fault suite"): after the clock steps
-#: back, the worker's ``clock_reset`` clears a meter's stored times and the next counter
-#: step becomes a new baseline, so one reading interval of energy per meter is lost
-CLOCK_RESET_LOSES_A_STEP = pytest.mark.xfail(
-    strict=True, reason="clock_reset after a backward step drops one counter increment")
-
 FORMATS = ("json", "tasmota", "shelly_gen2", "zigbee2mqtt", "emonhub", "mbmd")
 
 
@@ -91,16 +85,14 @@ lead_time_s = 0  # no warning ahead of it: any state but ok is misapplied
     fired = site.q("SELECT kind, rule FROM events WHERE kind LIKE 'alert.%' "
                    "OR kind LIKE 'order.%'")
     assert not fired, f"false alerts or orders: {fired}"
-    assert_ledger_matches(site, truth, timeout_s=60)  # last: the known bug fails here
+    assert_ledger_matches(site, truth, timeout_s=60)
     assert site.stop() == 0
 
 
-@CLOCK_RESET_LOSES_A_STEP
 def test_clock_stepped_back_and_forward_an_hour_ci(broker: Mosquitto, tmp_path: Path) -> None:
     _clock_steps(broker, tmp_path, meters=12, per_meter=300, speed=100, hold_s=7)
 
 
-@CLOCK_RESET_LOSES_A_STEP
 @pytest.mark.faults_full
 def test_clock_stepped_back_and_forward_an_hour_full(broker: Mosquitto,
                                                      tmp_path: Path) -> None:
