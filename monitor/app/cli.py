@@ -177,9 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.error("cannot start: %s", exc)
             svc.stop()
             return EXIT_FAIL
-        svc.supervise(stop)  # sd_notify READY/WATCHDOG/STATUS when run by systemd
+        failed = svc.supervise(stop)  # sd_notify READY/WATCHDOG/STATUS under systemd
         svc.stop()
-        return EXIT_OK
+        return EXIT_FAIL if failed else EXIT_OK  # failed: a dead intake thread
     finally:
         if lock is not None:
             lock.close()

@@ -53,6 +53,7 @@ WEBHOOK_ROWS_KEPT_S = 30 * 86400.0
 #: scheduler's shortest job runs every ORDERS_TICK_S
 PROGRESS_MIN_S = 3 * ORDERS_TICK_S
 STATUS_EVERY_S = 5.0  # STATUS= updates without a watchdog
+DEAD_CHECK_S = 1.0  # how often the main loop looks for a dead intake thread
 
 
 class _ExportMetrics:
@@ -195,16 +196,36 @@ class Service:
             return f"degraded: {'; '.join(problems)} | {line}"
         return f"ok: {line}"
 
-    def supervise(self, stop: threading.Event) -> None:
+    def dead(self) -> str:
+        """Why the intake thread is gone though nobody stopped it, or ""."""
+        if self.intake is not None and self.intake.failure:
+            return f"intake worker died: {self.intake.failure}"
+        if self.worker is not None and not self.worker.is_alive():
+            return "intake worker ended"
+        return ""
+
+    def supervise(self, stop: threading.Event) -> str:
         """The main loop: until ``stop`` is set, tell systemd how we are.
 
         ``WATCHDOG=1`` is sent every half watchdog interval, and only while
         :meth:`stalled` is empty; so systemd restarts a daemon whose intake, store
-        writer or scheduler is wedged.  ``STATUS=`` goes with every notification."""
+        writer or scheduler is wedged.  ``STATUS=`` goes with every notification.
+        Returns "" when ``stop`` was set, or why the daemon must stop with a
+        failure: a dead intake thread (checked every second, with or without
+        systemd) is never left running behind a live process."""
         wd = self.notifier.watchdog_s
         period = min(wd / 2, STATUS_EVERY_S) if wd else STATUS_EVERY_S
         withheld = False
-        while not stop.wait(period):
+        next_at = time.monotonic() + period
+        while not stop.wait(min(period, DEAD_CHECK_S)):
+            dead = self.dead()
+            if dead:
+                log.critical("%s: stopping with a failure (systemd restarts us)", dead)
+                self.notifier.status(f"failed: {dead}")
+                return dead
+            if time.monotonic() < next_at:
+                continue
+            next_at = time.monotonic() + period
             if not self.notifier.enabled:
                 continue
             stalled = self.stalled()
@@ -220,6 +241,7 @@ class Service:
                           "; ".join(stalled))
                 withheld = True
             self.notifier.status(line)
+        return ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -273,8 +295,8 @@ class Service:
         self.notifier.stopping("stopping: draining intake, last flush")
         if self.mqtt is not None:
             self.mqtt.stop_intake()
-        if self.intake is not None and self.worker is not None:
-            self.intake.stop()
+        if self.intake is not None and self.worker is not None and self.worker.is_alive():
+            self.intake.stop()  # (a dead worker takes no sentinel: a full queue would block)
             self.worker.join(30)
             if self.worker.is_alive():
                 log.error("intake did not drain in 30s (store failing?); giving up")

@@ -159,6 +159,8 @@ class Intake:
     taken_at: float = field(default_factory=time.monotonic, init=False)
     busy_since: float | None = field(default=None, init=False)
     commit_since: float | None = field(default=None, init=False)
+    #: why :meth:`run` ended by an exception ("" while it runs or after a clean stop)
+    failure: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         c = self.config
@@ -517,7 +519,25 @@ class Intake:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """Consume the queue until :data:`STOP` is taken from it (or :meth:`stop`)."""
+        """Consume the queue until :data:`STOP` is taken from it (or :meth:`stop`).
+
+        The intake thread's target.  An exception that escapes the loop (a bug:
+        every expected failure is handled inside) ends the thread: it is logged
+        with its traceback and kept in :attr:`failure`, which :meth:`stalled`
+        reports, so the service stops with a failure instead of running on
+        without intake.  Nothing after the last commit was acknowledged, so the
+        broker still holds those messages."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            if isinstance(exc, StoreError) and self._stop.is_set():
+                log.error("intake stopped with its batch uncommitted (shutdown): %s", exc)
+                return
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("intake worker died, nothing after the last commit acknowledged: "
+                         "%s", self.failure, exc_info=exc)
+
+    def _loop(self) -> None:
         cfg = self.config.intake
         while True:
             self.busy_since = None
@@ -580,6 +600,8 @@ class Intake:
     def stalled(self, now: float, limit_s: float) -> str:
         """Why the intake or the store writer made no progress for ``limit_s`` (monotonic
         ``now``), or "".  An idle intake (empty queue) is progressing."""
+        if self.failure:
+            return f"intake: worker died: {self.failure}"
         commit, busy = self.commit_since, self.busy_since
         if commit is not None and now - commit > limit_s:
             why = f": {self.commit_error}" if self.commit_error else ""
