@@ -15,11 +15,17 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from monitor import config
+from monitor.core.model import Message
+from monitor.intake.worker import Intake
+from monitor.metrics import Metrics
+from monitor.store.ledger import Store
 from tests.daemon import Daemon, publisher, query, wait_for, write_config
 from tests.servers import Mosquitto
 
@@ -99,3 +105,23 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
         ts = json.loads(p)["ts"]
         assert ts in committed or p in held, f"reading at {ts} acknowledged, not committed"
     assert all(json.loads(p)["ts"] in committed for p in before)
+
+
+def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(tmp_path: Path) -> None:
+    c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
+                                   'timezone = "UTC"\n' + BODY))
+    st = Store(tmp_path / "m.db")
+    acked: list[Message] = []
+    intake = Intake(c, st, Metrics(), ack=acked.extend)
+    now = time.time()
+    poison = json.dumps([{"meter": "huge", "ts": now - 20, "power_w": 1.7e308},
+                         {"meter": "huge", "ts": now - 10, "power_w": 1.7e308}]).encode()
+    intake.queue.put(Message("in/json/x", poison, now, qos=1, mid=1))
+    worker = threading.Thread(target=intake.run, name="intake")
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert intake.failure.startswith("OverflowError")
+    assert intake.stalled(time.monotonic(), 60.0).startswith("intake: worker died: Overflow")
+    assert acked == [] and not st.conn.execute("SELECT 1 FROM readings").fetchall()
+    st.close()
