@@ -13,6 +13,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,3 +222,22 @@ def test_the_worker_loses_nothing_when_the_daemon_clock_steps_forward_an_hour(
     assert [v for k, v in kinds if k == "tasmota/b:clock_step"] == [-3590.0]
     assert not [k for k, _ in kinds if k.endswith("clock_reset")]
     st_.close()
+
+
+# --------------------------------------------------------------------------- power bound
+
+
+@pytest.mark.parametrize("bad", [1.7e308, float("inf"), 5_000_000.0, -5_000_000.0])
+def test_a_power_the_meter_cannot_draw_is_an_anomaly_not_energy(bad: float) -> None:
+    """Two 1.7e308 W readings once made the trapezoid infinite and killed the worker;
+    a power beyond the meter's bound is now an anomaly, never energy or its power."""
+    params = accounting.MeterParams(rated_kw=None)
+    state = accounting.MeterState()
+    t0 = 1_795_000_000.0
+    accounting.apply(state, Reading(device="d", ts=t0, power_w=1000.0), params)
+    out = accounting.apply(state, Reading(device="d", ts=t0 + 10, power_w=bad), params)
+    assert [a.kind for a in out.anomalies] == ["implausible_power"]
+    assert out.delta_kwh == 0 and not out.increments
+    assert state.power_w == 1000.0
+    nxt = accounting.apply(state, Reading(device="d", ts=t0 + 20, power_w=1000.0), params)
+    assert nxt.delta_kwh == pytest.approx(1000.0 * 20 / 3_600_000)  # bridges the bad one

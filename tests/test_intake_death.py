@@ -1,33 +1,66 @@
 """A dead intake thread stops the daemon with a failure, never leaves it running.
 
-The fault is real, not injected: a native JSON batch from a power-only meter with
-two readings of 1.7e308 W (finite, so the parser accepts them) makes the trapezoid
-integral infinite, and booking it raises ``OverflowError`` inside the worker
-(outside every handled error; a defect noted in the report, left in place so that
-this path stays tested by a real payload).  The daemon must log the traceback,
-exit non-zero by itself (systemd's ``Restart=on-failure``) and acknowledge
-nothing it did not commit: every published message is either a committed reading
-or still queued for the daemon's persistent session at the broker.
+The fault is a defect in the daemon's own code, which no real server can produce,
+so it is injected at the process edge: the daemon runs from a small launcher that
+replaces ``monitor.core.accounting.apply`` with one that raises for the device
+``crash`` (the worker's code path is the real one).  The defect this test first
+used -- two 1.7e308 W readings overflowing the power integral -- is fixed (the
+anomaly ``implausible_power``; tests/test_accounting_clock.py).  The daemon must
+log the traceback, exit non-zero by itself (systemd's ``Restart=on-failure``) and
+acknowledge nothing it did not commit: every published message is either a
+committed reading or still queued for the daemon's persistent session.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import tomllib
 from pathlib import Path
 
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor import config
+from monitor.core import accounting
 from monitor.core.model import Message
 from monitor.intake.worker import Intake
 from monitor.metrics import Metrics
 from monitor.store.ledger import Store
-from tests.daemon import Daemon, publisher, query, wait_for, write_config
+from tests.daemon import ROOT, STARTED, Daemon, publisher, query, wait_for, write_config
 from tests.servers import Mosquitto
+
+LAUNCHER = """
+import sys
+from monitor.core import accounting
+real = accounting.apply
+def apply(state, r, params, retained=False):
+    if r.device.endswith("crash"):
+        raise RuntimeError("injected defect in accounting")
+    return real(state, r, params, retained)
+accounting.apply = apply
+from monitor.app.cli import main
+sys.exit(main(["run", "--config", sys.argv[1]]))
+"""
+
+
+class CrashingDaemon(Daemon):
+    """The real daemon, started through :data:`LAUNCHER`."""
+
+    def start(self) -> Daemon:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(self.config)],
+                                         stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT)
+        STARTED.append(self)
+        return self
+
 
 BODY = """
 [[sources]]
@@ -64,7 +97,7 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
         broker: Mosquitto, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "d.toml", broker.port, BODY, site="dead")
     log = tmp_path / "daemon.log"
-    d = Daemon(cfg, log).start()
+    d = CrashingDaemon(cfg, log).start()
     wait_for(lambda: "started" in log.read_text(), 60, what="daemon started")
     time.sleep(1.0)  # subscribed
     pub = publisher(broker.port)
@@ -79,8 +112,8 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
         pub.publish("in/json/good", p, qos=1).wait_for_publish(10)
     wait_for(lambda: len(query(cfg, "SELECT 1 FROM readings WHERE meter = 'good'")) == 5,
              30, what="the first readings committed")
-    poison = json.dumps([{"meter": "huge", "ts": now - 20, "power_w": 1.7e308},
-                         {"meter": "huge", "ts": now - 10, "power_w": 1.7e308}]).encode()
+    poison = json.dumps([{"meter": "crash", "ts": now - 20, "power_w": 10.0},
+                         {"meter": "crash", "ts": now - 10, "power_w": 10.0}]).encode()
     after = [good(i) for i in range(5, 10)]
     for p in [poison, *after]:
         pub.publish("in/json/x", p, qos=1).wait_for_publish(10)
@@ -92,13 +125,13 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
     d.proc = None
     assert rc == 1, rc
     text = log.read_text()
-    assert "intake worker died" in text and "OverflowError" in text, text[-3000:]
+    assert "intake worker died" in text and "injected defect" in text, text[-3000:]
     assert "Traceback" in text
 
     committed = {json.loads(p)["ts"] for p in before + after} & {
         ts for (ts,) in query(cfg, "SELECT ts FROM readings WHERE meter = 'good'")}
-    assert not query(cfg, "SELECT 1 FROM readings WHERE meter = 'huge' AND power_w IS NOT NULL "
-                          "AND ts = ?", (now - 10,)), "the failing batch was committed"
+    assert not query(cfg, "SELECT 1 FROM readings WHERE meter = 'crash'"), \
+        "the failing batch was committed"
     held = _redelivered(broker.port, "energy-monitor-dead")
     assert poison in held, "the uncommitted batch was acknowledged"
     for p in before + after:
@@ -107,7 +140,12 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
     assert all(json.loads(p)["ts"] in committed for p in before)
 
 
-def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(tmp_path: Path) -> None:
+def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> None:
+        raise OverflowError("injected defect")
+
+    monkeypatch.setattr(accounting, "apply", broken)
     c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
                                    'timezone = "UTC"\n' + BODY))
     st = Store(tmp_path / "m.db")

@@ -160,7 +160,7 @@ class Anomaly:
     ts: float
     #: reset | meter_replaced | counter_backwards | jitter | quarantine | out_of_order |
     #: stale_retained | clock_backwards | clock_step | clock_ahead | clock_too_old |
-    #: clock_reset
+    #: clock_reset | implausible_power
     kind: str
     value: float | None
     detail: str = ""
@@ -176,6 +176,12 @@ class Outcome:
     flags: list[str] = field(default_factory=list)
     #: the time this reading's energy is booked at (its own, or a held ``hold_ts``)
     book_ts: float = 0.0
+
+
+def plausible_power(power_w: float, params: MeterParams) -> bool:
+    """A power the meter can draw: finite and within its bound (with the same slack
+    as counters).  Production (negative) is bounded the same way."""
+    return math.isfinite(power_w) and abs(power_w) <= params.max_kw * 1000.0 * PLAUSIBILITY_SLACK
 
 
 def _upper(params: MeterParams, seconds: float) -> float | None:
@@ -202,14 +208,25 @@ def apply(state: MeterState, r: Reading, params: MeterParams, retained: bool = F
         kind = "clock_step" if r.ts_source is TsSource.RECEIVED else "clock_backwards"
         out.anomalies.append(_step_back(state, ts, kind, params))
         out.flags.append(out.anomalies[-1].kind)
+    power_w = r.power_w
+    if power_w is not None and not plausible_power(power_w, params):
+        # a power the meter cannot draw is never integrated, never its "latest power"
+        # (the power caps read that), and never crashes the worker (1e308 W overflows)
+        out.anomalies.append(Anomaly(
+            ts, "implausible_power", power_w if math.isfinite(power_w) else None,
+            f"{power_w:g} W exceeds {params.max_kw:g} kW"
+            f"{'' if params.rated_kw is not None else ' (intake.unrated_max_kw)'}; "
+            "not counted"))
+        out.flags.append("implausible_power")
+        power_w = None
     if r.energy_kwh is not None:
         _counter(state, ts, r.energy_kwh, params, retained, out)
-    elif r.power_w is not None and not state.has_counter:
-        _integrate(state, ts, r.power_w, params, retained, out)
+    elif power_w is not None and not state.has_counter:
+        _integrate(state, ts, power_w, params, retained, out)
     if r.export_kwh is not None:
         _export(state, ts, r.export_kwh, params, retained, out)
-    if r.power_w is not None:
-        state.power_w = r.power_w
+    if power_w is not None:
+        state.power_w = power_w
         state.power_ts = ts
     state.offline_since = None
     state.last_ts = ts
