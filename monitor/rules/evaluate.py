@@ -29,6 +29,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import repeat
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -123,6 +124,13 @@ class Snapshot:
         return ScopeIndex(self)
 
 
+def _span(covered_s: float, window_s: float, min_cover_s: float) -> float:
+    """The seconds a meter's window energy is divided by: the time its data covers
+    (at most the window), or the whole window when that is nothing or less than
+    ``min_cover_s``."""
+    return covered_s if 0.0 < covered_s < window_s and covered_s >= min_cover_s else window_s
+
+
 class ScopeIndex:
     """Scope membership and per-scope sums of one snapshot, computed lazily and once.
 
@@ -177,18 +185,13 @@ class ScopeIndex:
         cached = self._sums.get(id(mapping))
         if cached is None:
             # summed as whole mWh (the ledger's unit), so the total does not depend on
-            # the order of the meters and equals the report's sum of the same rows
-            total = 0
-            by_group: dict[str, int] = {}
-            group_of = self.group_of
-            for mid, value in mapping.items():
-                mwh = round(value * MWH_PER_KWH)
-                total += mwh
-                g = group_of.get(mid)
-                if g:
-                    by_group[g] = by_group.get(g, 0) + mwh
-            cached = (mapping, total / MWH_PER_KWH,
-                      {g: v / MWH_PER_KWH for g, v in by_group.items()})
+            # the order of the meters and equals the report's sum of the same rows; a
+            # zero adds nothing (most gap mappings are zeros), NaN still raises
+            mwh = {mid: round(value * MWH_PER_KWH) for mid, value in mapping.items() if value}
+            get, zero = mwh.get, repeat(0)
+            by_group = {g: sum(map(get, members, zero)) / MWH_PER_KWH
+                        for g, members in self.groups.items() if g}
+            cached = (mapping, sum(mwh.values()) / MWH_PER_KWH, by_group)
             self._sums[id(mapping)] = cached
         return cached[1] if kind == "site" else cached[2].get(name, 0.0)
 
@@ -221,15 +224,31 @@ class ScopeIndex:
         ``min_cover_s`` (or nothing) is divided by the whole window."""
         key = (window_s, min_cover_s)
         rates = self._rates.get(key)
-        if rates is None:
+        kind, _, name = scope.partition(":")
+        if rates is None and kind != "site":
+            # a group or a meter alone (a reconcile's scopes): its own meters only; the
+            # same figures as the whole mapping's (rounded per meter as :meth:`total`)
             energy = _need_window(self.snap, window_s)
             covered = self.snap.window_covered_s.get(window_s, {})
-            rates = {}
-            for mid, kwh in energy.items():
-                span = min(window_s, covered.get(mid, window_s))
-                if span <= 0 or span < min_cover_s:
-                    span = window_s
-                rates[mid] = kwh * 3600.0 / span
+            if kind == "meter":
+                kwh = energy.get(name)
+                return 0.0 if kwh is None else float(
+                    kwh * 3600.0 / _span(covered.get(name, window_s), window_s, min_cover_s))
+            mwh = 0
+            for mid in self.groups.get(name, ()) if name else ():
+                kwh = energy.get(mid)
+                if kwh is not None:
+                    mwh += round(kwh * 3600.0 / _span(covered.get(mid, window_s), window_s,
+                                                      min_cover_s) * MWH_PER_KWH)
+            return mwh / MWH_PER_KWH
+        if rates is None:
+            energy = _need_window(self.snap, window_s)
+            cover = self.snap.window_covered_s.get(window_s, {}).get
+            w, least = window_s, min_cover_s
+            # _span() spelt out: this runs for every meter
+            rates = {mid: kwh * 3600.0 / (c if 0.0 < (c := cover(mid, w)) < w and c >= least
+                                          else w)
+                     for mid, kwh in energy.items()}
             self._rates[key] = rates
         return self.total(rates, scope)
 
