@@ -99,20 +99,23 @@ def _meters(store: Store, config: Config, now: float, watching_since: float | No
     (reported within twice their interval): their accounted data spans from their
     ``first_seen`` (or that last reading) to it.  (Floats, not span tuples: a dict of
     floats is not tracked by the garbage collector, 10,000 tuples per check are.)"""
-    configured = {m.id: m for m in config.meters}
+    per_meter = _meter_settings(config)
     patterns = bool(config.meter_patterns)
-    default_interval = config.intake.expected_interval_s
+    default = (None, config.intake.expected_interval_s)
     meters: dict[str, rules.MeterSnapshot] = {}
     reported: dict[str, float] = {}
-    snapshot = rules.MeterSnapshot
+    snapshot = rules.meter_snapshot
     for mid, device, stored_group, first_seen, last_seen, power_w, online in \
             store.meter_states():
-        mc = configured.get(mid) or (config.meter_config(mid, device) if patterns else None)
-        if mc is not None:
-            interval = mc.expected_interval_s or default_interval
-            group, rated = mc.group, mc.rated_kw
+        got = per_meter.get(mid)
+        if got is None:
+            mc = config.meter_config(mid, device) if patterns else None
+            if mc is not None:
+                got = (mc.group, mc.rated_kw, mc.expected_interval_s or default[1])
+        if got is not None:
+            group, rated, interval = got
         else:
-            group, interval, rated = stored_group, default_interval, None
+            group, (rated, interval) = stored_group, default
         fresh = online and last_seen is not None and now - last_seen <= 2 * interval
         if fresh and last_seen is not None:
             reported[mid] = last_seen
@@ -121,6 +124,24 @@ def _meters(store: Store, config: Config, now: float, watching_since: float | No
             bool(online), power_w if fresh else None, interval,
             first_seen if last_seen is not None else None)
     return meters, reported
+
+
+#: the configuration the settings below were taken from, and its meters' settings
+_settings: tuple[Config, dict[str, tuple[str, float | None, float]]] | None = None
+
+
+def _meter_settings(config: Config) -> dict[str, tuple[str, float | None, float]]:
+    """``id -> (group, rated_kw, expected interval)`` of every ``[[meters]]`` entry:
+    they depend on the configuration only, so they are taken once per configuration
+    object, not once per check."""
+    global _settings
+    kept = _settings
+    if kept is not None and kept[0] is config:
+        return kept[1]
+    default = config.intake.expected_interval_s
+    got = {m.id: (m.group, m.rated_kw, m.expected_interval_s or default) for m in config.meters}
+    _settings = (config, got)
+    return got
 
 
 def _covered(kwh: dict[str, float], window_s: float, now: float,

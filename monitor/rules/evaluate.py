@@ -91,6 +91,30 @@ class MeterSnapshot:
     first_seen: float | None = None
 
 
+_new_object = object.__new__
+# each slot's own setter: what the frozen dataclass's __init__ reaches through
+# object.__setattr__, one lookup per field
+(_set_id, _set_group, _set_rated, _set_last, _set_online, _set_power, _set_interval,
+ _set_first) = (MeterSnapshot.__dict__[f].__set__ for f in MeterSnapshot.__slots__)
+
+
+def meter_snapshot(id: str, group: str, rated_kw: float | None, last_seen: float | None,
+                   online: bool, power_w: float | None, expected_interval_s: float,
+                   first_seen: float | None) -> MeterSnapshot:
+    """``MeterSnapshot(id, group, ...)``, equal to it, in about half the time: a check
+    makes one for each of 10,000 meters (:func:`monitor.rules.check.build_snapshot`)."""
+    m: MeterSnapshot = _new_object(MeterSnapshot)
+    _set_id(m, id)
+    _set_group(m, group)
+    _set_rated(m, rated_kw)
+    _set_last(m, last_seen)
+    _set_online(m, online)
+    _set_power(m, power_w)
+    _set_interval(m, expected_interval_s)
+    _set_first(m, first_seen)
+    return m
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything the rules read, taken at one instant ``now``.
