@@ -289,7 +289,7 @@ class Service:
         log.info("energy-monitor %s started (config %s)", cfg.site.id, cfg.digest[:12])
         # what start-up built lives as long as the daemon: out of every later collection,
         # so a full one scans what a check or a batch made, not the config's 10k meters
-        # (docs/benchmarks.md#check); stop() gives it back to the collector
+        # (docs/benchmarks.md, the check); stop() gives it back to the collector
         gc.collect()
         gc.freeze()
         if self.notifier.enabled:
