@@ -45,8 +45,9 @@ topic = "#"
 format = "json"
 """))
 #: reasons the worker itself gives, besides the parsers' own
-EDGE_REASONS = {"unknown_topic", "too_large", "parser_error", "no_measurement", "bad_topic",
-                "device_id_collision", "too_many_meters", "unconfigured"}
+EDGE_REASONS = {"unknown_topic", "too_large", "parser_error", "internal_error",
+                "no_measurement", "bad_topic", "device_id_collision", "too_many_meters",
+                "unconfigured"}
 
 REAL_TOPICS = sorted({t.replace("+", n) for t, _ in FLEET.sources()
                       for n in ("rig-001", "shellyplus1pm-rig-004", "x")})

@@ -2,10 +2,12 @@
 
 The fault is a defect in the daemon's own code, which no real server can produce,
 so it is injected at the process edge: the daemon runs from a small launcher that
-replaces ``monitor.core.accounting.apply`` with one that raises for the device
-``crash`` (the worker's code path is the real one).  The defect this test first
-used -- two 1.7e308 W readings overflowing the power integral -- is fixed (the
-anomaly ``implausible_power``; tests/test_accounting_clock.py).  The daemon must
+replaces ``Store.commit_batch`` with one that raises a non-store error for a batch
+holding the meter ``crash`` (the worker's code path is the real one).  The defect
+this test first used -- two 1.7e308 W readings overflowing the power integral --
+is fixed (the anomaly ``implausible_power``; tests/test_accounting_clock.py), and a
+defect while a message is *processed* no longer kills the worker: that message
+becomes the dead letter ``internal_error`` (the last test here).  The daemon must
 log the traceback, exit non-zero by itself (systemd's ``Restart=on-failure``) and
 acknowledge nothing it did not commit: every published message is either a
 committed reading or still queued for the daemon's persistent session.
@@ -37,13 +39,13 @@ from tests.servers import Mosquitto
 
 LAUNCHER = """
 import sys
-from monitor.core import accounting
-real = accounting.apply
-def apply(state, r, params, retained=False):
-    if r.device.endswith("crash"):
-        raise RuntimeError("injected defect in accounting")
-    return real(state, r, params, retained)
-accounting.apply = apply
+from monitor.store.ledger import Store
+real = Store.commit_batch
+def commit_batch(self, b):
+    if any(r[0] == "crash" for r in b.readings):
+        raise RuntimeError("injected defect in the commit")
+    return real(self, b)
+Store.commit_batch = commit_batch
 from monitor.app.cli import main
 sys.exit(main(["run", "--config", sys.argv[1]]))
 """
@@ -145,7 +147,7 @@ def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(
     def broken(*_a: object, **_k: object) -> None:
         raise OverflowError("injected defect")
 
-    monkeypatch.setattr(accounting, "apply", broken)
+    monkeypatch.setattr(Store, "commit_batch", broken)
     c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
                                    'timezone = "UTC"\n' + BODY))
     st = Store(tmp_path / "m.db")
@@ -162,4 +164,44 @@ def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(
     assert intake.failure.startswith("OverflowError")
     assert intake.stalled(time.monotonic(), 60.0).startswith("intake: worker died: Overflow")
     assert acked == [] and not st.conn.execute("SELECT 1 FROM readings").fetchall()
+    st.close()
+
+
+def test_a_message_that_makes_processing_fail_is_a_dead_letter_and_the_rest_commits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in accounting raised by one message: the batch is put back and taken
+    one message at a time; that message is the dead letter internal_error, the
+    others are committed once and acknowledged, and the worker runs on."""
+    real = accounting.apply
+
+    def apply(state: accounting.MeterState, r: object, params: accounting.MeterParams,
+              retained: bool = False) -> accounting.Outcome:
+        if getattr(r, "device", "") == "crash":
+            raise RuntimeError("injected defect in accounting")
+        return real(state, r, params, retained)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(accounting, "apply", apply)
+    c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
+                                   'timezone = "UTC"\n' + BODY))
+    st = Store(tmp_path / "m.db")
+    acked: list[Message] = []
+    intake = Intake(c, st, Metrics(), ack=acked.extend)
+    now = time.time()
+
+    def msg(mid: int, meter: str, i: int) -> Message:
+        body = json.dumps({"meter": meter, "ts": now - 100 + i, "energy_kwh": 5 + i * 0.01})
+        return Message(f"in/json/{meter}", body.encode(), now, qos=1, mid=mid)
+
+    first = [msg(1, "a", 0), msg(2, "b", 0)]
+    intake.handle(first)
+    # a batch where a and b move on, and one message of "crash" in between
+    batch = [msg(3, "a", 1), msg(4, "crash", 1), msg(5, "b", 1), msg(6, "a", 2)]
+    intake.handle(batch)
+    assert [m.mid for m in acked] == [1, 2, 3, 4, 5, 6]
+    dead = st.conn.execute("SELECT topic, reason FROM dead_letters").fetchall()
+    assert dead == [("in/json/crash", "internal_error")]
+    got = dict(st.conn.execute("SELECT meter, sum(mwh) FROM ledger GROUP BY meter"))
+    # a: 5.00 -> 5.01 -> 5.02 (20 Wh), b: 5.00 -> 5.01 (10 Wh), in mWh: each delta once
+    assert got == {"a": 20_000, "b": 10_000}, got
+    assert intake.failure == "" and intake.stalled(time.monotonic(), 60.0) == ""
     st.close()

@@ -74,6 +74,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
@@ -124,6 +125,19 @@ class MeterState:
 
 
 _STATE_FIELDS = tuple(MeterState.__dataclass_fields__)
+_STATE_VALUES = operator.attrgetter(*_STATE_FIELDS)
+
+
+def state_values(state: MeterState) -> tuple[object, ...]:
+    """Every field of ``state``, cheaply (a batch keeps one per meter it touches)."""
+    values: tuple[object, ...] = _STATE_VALUES(state)
+    return values
+
+
+def restore_state(state: MeterState, values: tuple[object, ...]) -> None:
+    """Put back the fields :func:`state_values` took."""
+    for name, value in zip(_STATE_FIELDS, values, strict=True):
+        setattr(state, name, value)
 
 
 @dataclass(frozen=True, slots=True)

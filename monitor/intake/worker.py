@@ -115,6 +115,11 @@ def fingerprint(topic: str, payload: bytes, mid: int = 0) -> bytes:
     return hashlib.blake2b(head + payload, digest_size=16).digest()
 
 
+#: a meter's in-memory state before a batch: (accounting state, online, last_seen,
+#: first_seen, format)
+_Saved = tuple[tuple[object, ...], bool, float | None, float | None, str]
+
+
 @dataclass
 class _Meter:
     id: str
@@ -174,6 +179,9 @@ class Intake:
         self._configured = {m.id: m for m in c.meters}
         self._dirty: set[str] = set()
         self._counts: dict[tuple[str, str], int] = {}  # metrics, added once per batch
+        # the in-memory state of each meter a batch touched, as it was before the
+        # batch: put back when processing fails (see handle)
+        self._saved: dict[str, _Saved] = {}
         self._days = accounting.LocalDays(c.site.tz)
         self._signal_topics = [r.topic for r in c.rules if isinstance(r, CurtailmentRule)]
         self._filters = [t for t, _ in subscriptions(c)]
@@ -220,6 +228,7 @@ class Intake:
             self._meters[meter_id] = m
             if mc is None:
                 self._unconfigured += 1
+        self._save(m)
         if not m.format:
             m.format = fmt
         return m
@@ -422,6 +431,7 @@ class Intake:
         if not targets and av.device in self._by_device:
             targets = [self._meter(av.device, fmt)]
         for m in targets:
+            self._save(m)
             m.online = av.online
             if not av.online:
                 accounting.mark_offline(m.state, at)
@@ -569,9 +579,60 @@ class Intake:
             if stopping:
                 return
 
+    def _save(self, m: _Meter) -> None:
+        if m.id not in self._saved:
+            self._saved[m.id] = (accounting.state_values(m.state), m.online, m.last_seen,
+                                 m.first_seen, m.format)
+
+    def _roll_back(self) -> None:
+        """Undo what a failed :meth:`process` did to the meters in memory."""
+        for meter_id, (values, online, last_seen, first_seen, fmt) in self._saved.items():
+            m = self._meters[meter_id]
+            accounting.restore_state(m.state, values)
+            m.online, m.last_seen, m.first_seen, m.format = online, last_seen, first_seen, fmt
+        self._saved.clear()
+        self._counts.clear()
+
     def handle(self, msgs: Sequence[Message]) -> BatchReport:
-        """Process and commit one batch, retrying the commit until it succeeds or we stop."""
-        batch, rep = self.process(msgs)
+        """Process and commit one batch, retrying the commit until it succeeds or we stop.
+
+        A defect that raises while a batch is processed (every expected failure is
+        handled inside: this is a bug) must not turn one message into a restart loop:
+        the meters are put back as they were, and the batch is taken again one
+        message at a time; the message that raises again becomes the dead letter
+        ``internal_error`` (payload kept, so it can be replayed once the defect is
+        fixed), and the others are committed as usual."""
+        self._saved.clear()
+        try:
+            batch, rep = self.process(msgs)
+        except Exception:
+            log.exception("intake: processing a batch of %d failed (a defect); "
+                          "retrying it one message at a time", len(msgs))
+            self._roll_back()
+            rep = BatchReport(messages=len(msgs))
+            for msg in msgs:
+                one = self._one(msg)
+                rep.dead_letters += one.dead_letters
+            return rep
+        self._commit(batch, msgs)
+        return rep
+
+    def _one(self, msg: Message) -> BatchReport:
+        self._saved.clear()
+        try:
+            batch, rep = self.process([msg])
+        except Exception as exc:
+            log.exception("intake: %s: this message makes the intake fail (a defect); kept "
+                          "as the dead letter internal_error", msg.topic)
+            self._roll_back()
+            batch, rep = IntakeBatch(), BatchReport(messages=1)
+            batch.fingerprints.append(fingerprint(msg.topic, msg.payload, msg.mid))
+            self._dead(batch, rep, msg, "internal_error", f"{type(exc).__name__}: {exc}")
+        self._commit(batch, [msg])
+        return rep
+
+    def _commit(self, batch: IntakeBatch, msgs: Sequence[Message]) -> None:
+        self._saved.clear()
         delay = 0.5
         self.commit_since = time.monotonic()
         while True:
@@ -595,7 +656,6 @@ class Intake:
         self.metrics.commit_seconds.observe(time.perf_counter() - t0)
         self.metrics.last_commit.set(self.last_commit_at)
         self.ack(msgs)
-        return rep
 
     def stalled(self, now: float, limit_s: float) -> str:
         """Why the intake or the store writer made no progress for ``limit_s`` (monotonic
