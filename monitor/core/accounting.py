@@ -437,6 +437,18 @@ def mark_offline(state: MeterState, at: float) -> None:
     state.offline_since = at
 
 
+def _bucket_range(start_ts: float, end_ts: float, bucket_s: int) -> tuple[int, int]:
+    """The first and last bucket ``[start_ts, end_ts]`` spans (one bucket for an empty
+    interval; an interval ending exactly on an edge belongs to the earlier bucket)."""
+    last = math.floor(end_ts / bucket_s) * bucket_s
+    if end_ts <= start_ts:
+        return last, last
+    first = math.floor(start_ts / bucket_s) * bucket_s
+    if end_ts == last and last > first:
+        last -= bucket_s
+    return first, last
+
+
 def split_buckets(start_ts: float, end_ts: float, kwh: float,
                   bucket_s: int = BUCKET_S) -> Iterator[tuple[int, float]]:
     """Spread ``kwh`` evenly over ``[start_ts, end_ts]`` into fixed UTC buckets.
@@ -444,13 +456,7 @@ def split_buckets(start_ts: float, end_ts: float, kwh: float,
     Yields ``(bucket_start, kwh)``; the parts sum to ``kwh`` exactly (the last
     part takes the rounding remainder).
     """
-    if end_ts <= start_ts:
-        yield int(end_ts // bucket_s) * bucket_s, kwh
-        return
-    first = math.floor(start_ts / bucket_s) * bucket_s
-    last = math.floor(end_ts / bucket_s) * bucket_s
-    if end_ts == last and last > first:
-        last -= bucket_s  # an increment ending exactly on an edge belongs to the earlier bucket
+    first, last = _bucket_range(start_ts, end_ts, bucket_s)
     if first == last:
         yield first, kwh
         return
@@ -488,13 +494,7 @@ def split_mwh(start_ts: float, end_ts: float, mwh: int,
     exactly, in proportion to the time each bucket holds.  It yields one item
     per bucket the interval really spans, never more.
     """
-    if end_ts <= start_ts:
-        yield int(end_ts // bucket_s) * bucket_s, mwh
-        return
-    first = math.floor(start_ts / bucket_s) * bucket_s
-    last = math.floor(end_ts / bucket_s) * bucket_s
-    if end_ts == last and last > first:
-        last -= bucket_s  # an increment ending exactly on an edge belongs to the earlier bucket
+    first, last = _bucket_range(start_ts, end_ts, bucket_s)
     if first == last:
         yield first, mwh
         return
