@@ -28,6 +28,10 @@ class Metrics:
         self.queue_blocked = Counter(p + "queue_blocked",
                                      "Times the MQTT thread waited for a full intake queue",
                                      registry=r)
+        self.read_paused = Counter(
+            p + "mqtt_read_paused",
+            "Times the MQTT thread paused reading because the intake queue was full",
+            registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Messages waiting in the intake queue",
                                  registry=r)
         self.mqtt_connected = Gauge(p + "mqtt_connected", "1 while connected to the broker",

@@ -1,23 +1,35 @@
 """The intake queue between paho's network thread and the intake worker, and its
 admission rule (back-pressure).
 
-Why the network thread never waits without bound:
+Why the network thread never waits without bound, and why the queue never
+overflows, whatever the broker does:
 
 * The daemon connects with MQTT 5 *Receive Maximum* ``R`` (``[mqtt]
-  receive_maximum``): the broker never has more than ``R`` QoS 1/2 messages to
-  us unacknowledged, and the intake acknowledges a message only after its batch
-  is committed.  So at most ``R`` QoS >= 1 messages are in the queue or in the
-  worker's hands at any time, however fast devices publish.
+  receive_maximum``): a broker that keeps to it never has more than ``R`` QoS 1/2
+  messages to us unacknowledged, and the intake acknowledges a message only
+  after its batch is committed.  So at most ``R`` QoS >= 1 messages are in the
+  queue or in the worker's hands at any time, however fast devices publish.
 * QoS 0 messages are not flow-controlled by the broker.  They are admitted only
   while the queue holds fewer than ``maxsize - R`` messages (the *QoS 0 share*);
-  beyond that they are dropped and counted (:attr:`IntakeQueue.dropped`, taken by
-  the worker into the ``ignored``/``queue_full`` outcome), as QoS 0 allows.
-* Hence the queue never holds more than ``(maxsize - R) + R = maxsize`` items and
-  a QoS >= 1 put always finds room.  Only a broker that breaks Receive Maximum
-  (a protocol error) could fill it: then the put waits at most ``OVERFLOW_WAIT_S``
-  (far below any keepalive), and :class:`monitor.intake.mqtt.MqttLink` drops the
-  connection with reason *Receive Maximum exceeded* without acknowledging, so
-  the broker re-delivers the message in the persistent session.
+  beyond that they are dropped and counted (:meth:`IntakeQueue.take_dropped`,
+  taken by the worker into the ``ignored``/``queue_full`` outcome), as QoS 0
+  allows.
+* Hence, with a broker that keeps to Receive Maximum, the queue never holds more
+  than ``(maxsize - R) + R = maxsize`` items and is never full when a packet is
+  read.
+* Not every broker keeps to it.  mosquitto before 2.0.13 (Debian 12 ships
+  2.0.11) moves up to ``R`` queued messages into flight for *each* PUBACK when it
+  drains a backlog (eclipse/mosquitto#2306), so after an outage it sends its
+  whole queue as fast as TCP allows.  The network thread therefore reads a
+  packet only while the queue has room (:meth:`IntakeQueue.wait_room`); while
+  it is full, the thread stops reading but goes on writing (PUBACKs, PINGREQ)
+  and waits in slices of ``PAUSE_SLICE_S`` for the worker to make room.  TCP
+  flow control then holds the broker back.  No message is refused, nothing is
+  re-delivered, the connection stays up.  Only a store stall longer than the
+  keepalive with such a broker ends the connection (the PINGRESP waits behind
+  unread messages): the broker then re-delivers everything unacknowledged in
+  the persistent session, and redeliveries already committed are recognised
+  by their fingerprint (:func:`monitor.intake.worker.fingerprint`).
 
 The queue is a deque with one condition variable: a put is an append and, only
 when the worker sleeps, a notify; the worker takes a whole batch in one call.
@@ -30,7 +42,11 @@ import queue
 import threading
 import time
 
-#: the longest the network thread waits for room (only if the broker breaks Receive Maximum)
+#: how long the network thread waits for room at a time before it services its writes
+#: and keepalive again (while the queue is full; see the module docstring)
+PAUSE_SLICE_S = 0.05
+#: the longest a put waits for room when the queue is full all the same (only the
+#: worker's STOP sentinel, put by another thread, can take the last place)
 OVERFLOW_WAIT_S = 0.5
 
 
@@ -69,6 +85,16 @@ class IntakeQueue:
                 return False
             self._append(item)
             return True
+
+    def wait_room(self, timeout: float) -> bool:
+        """Whether the queue holds fewer than ``maxsize`` items, waiting up to ``timeout``
+        seconds for the worker to take some."""
+        with self._cond:
+            if len(self._items) < self.maxsize:
+                return True
+            if timeout <= 0:
+                return False
+            return self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout)
 
     def put_nowait(self, item: object) -> None:
         """Enqueue, or raise :class:`queue.Full` at ``maxsize``."""

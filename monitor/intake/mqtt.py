@@ -6,9 +6,11 @@ Contracts:
   the intake queue (:class:`~monitor.core.model.Message`); no parsing or I/O there.
 * Messages are acknowledged manually (:meth:`MqttLink.ack`), by the intake
   worker, after their batch is committed: one write of all the batch's PUBACKs.
-  Receive Maximum bounds how many unacknowledged messages the broker sends, so
-  the queue never overflows for QoS >= 1, and the network thread never waits
-  without bound (:mod:`monitor.intake.flow` shows why and bounds the wait anyway).
+  Receive Maximum bounds how many unacknowledged messages the broker sends; a
+  broker that does not keep to it (mosquitto < 2.0.13 draining a backlog) is held
+  back by TCP: a packet is read only while the intake queue has room, and while
+  it is full the network thread still writes PUBACKs and keeps the connection
+  alive (:mod:`monitor.intake.flow` shows why the queue never overflows).
 * The receive path is lean (:class:`_IntakeClient`): socket reads are buffered
   (stock paho makes three ``recv`` calls per packet), and a QoS 0/1 PUBLISH whose
   only properties are Subscription Identifiers is decoded in a few lines instead
@@ -53,7 +55,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from monitor.config import Config
 from monitor.core.model import Message
-from monitor.intake.flow import OVERFLOW_WAIT_S, IntakeQueue
+from monitor.intake.flow import OVERFLOW_WAIT_S, PAUSE_SLICE_S, IntakeQueue
 from monitor.intake.worker import overlapping
 from monitor.metrics import Metrics
 
@@ -64,8 +66,11 @@ _PUBLISH, _PUBACK_CMD, _SUB_ID = 0x30, 0x40, 0x0B
 _READ_CHUNK = 65536
 #: paho internals the lean receive path relies on; without them paho's own path is used
 _PAHO_HOOKS = ("_handle_publish", "_sock_recv", "_packet_read", "_loop_rc_handle",
-               "_packet_queue", "loop_read")
+               "_packet_queue", "loop_read", "loop_write", "loop_misc", "want_write")
 FAST_PATH = all(callable(getattr(paho.Client, n, None)) for n in _PAHO_HOOKS)
+
+_CONNECTED = getattr(getattr(paho, "_ConnectionState", None), "MQTT_CS_CONNECTED", None)
+FAST_PATH = FAST_PATH and _CONNECTED is not None
 
 Deliver = Callable[[str, bytes, int, bool, bool, int, tuple[int, ...]], None]
 
@@ -84,16 +89,23 @@ def _varint(data: bytes | bytearray, pos: int) -> tuple[int, int]:
 
 
 class _IntakeClient(paho.Client):
-    """paho's client with a buffered socket read and a lean PUBLISH decoder (see the
-    module docstring).  ``deliver(topic, payload, qos, retain, dup, mid, sub_ids)`` is
-    called on the network thread for each QoS 0/1 message it decodes itself."""
+    """paho's client with a buffered socket read, a lean PUBLISH decoder and a read
+    that waits for room in the intake queue (see the module docstring).
+    ``deliver(topic, payload, qos, retain, dup, mid, sub_ids)`` is called on the
+    network thread for each QoS 0/1 message it decodes itself; ``room(timeout)``
+    says whether the intake queue can take one more message, waiting up to
+    ``timeout`` s; ``paused()`` is called each time reading stops for want of room."""
 
-    def __init__(self, *args: Any, deliver: Deliver, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, deliver: Deliver, room: Callable[[float], bool],
+                 paused: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deliver = deliver
+        self._room = room
+        self._paused = paused
         self._rbuf = b""
         self._rpos = 0
         self._rsock: object = None
+        self._chunks = 0  # socket reads into the buffer
         self.fast_packets = 0  # PUBLISH packets decoded by the lean path (tests read it)
 
     def _sock_recv(self, bufsize: int) -> bytes:
@@ -102,6 +114,7 @@ class _IntakeClient(paho.Client):
         pos = self._rpos
         if pos >= len(self._rbuf):
             data = super()._sock_recv(max(bufsize, _READ_CHUNK))
+            self._chunks += 1
             if len(data) <= bufsize:
                 self._rbuf, self._rpos = b"", 0
                 return data
@@ -111,16 +124,60 @@ class _IntakeClient(paho.Client):
         return self._rbuf[pos:end]
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        rc = super().loop_read(max_packets)
-        # packets already in the buffer: select() would not report them
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._rpos < len(self._rbuf) \
-                and self._sock is not None and self._sock is self._rsock:
+        """Read one packet from the socket, then every packet already in the buffer
+        (select() would not report those), each only once the intake queue has room.
+
+        A packet that runs past the buffer reads the next chunk, so a broker that
+        sends without pause keeps this loop going: after each chunk it also does
+        what paho's loop does between reads (:meth:`_service`), or the PUBACKs
+        would never leave and the broker would drop us for silence."""
+        chunks = self._chunks
+        while True:
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            # (the CONNACK is always read: what follows it waits for room)
+            if self._state == _CONNECTED and not self._room(0.0):
+                rc = self._wait_for_room()
+                if rc is not None:
+                    return rc
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN or self._sock is None \
+                    or self._sock is not self._rsock or self._rpos >= len(self._rbuf):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return rc
+            if self._chunks != chunks:
+                chunks = self._chunks
+                rc = self._service()
+                if rc is not None:
+                    return rc
+
+    def _service(self) -> MQTTErrorCode | None:
+        """What paho's loop does between reads: write what waits (the worker's PUBACKs,
+        our publications) and keep the connection alive (PINGREQ when due).  ``None``:
+        carry on reading; else the connection is gone and this is what to return."""
+        if self.want_write():
+            rc = self.loop_write()
+            if rc or self._sock is None:
+                return rc or MQTTErrorCode.MQTT_ERR_NO_CONN
+        rc = self.loop_misc()
+        if rc or self._sock is None:
+            return rc or MQTTErrorCode.MQTT_ERR_NO_CONN
+        return None
+
+    def _wait_for_room(self) -> MQTTErrorCode | None:
+        """The intake queue is full: read nothing until it has room, but go on writing
+        (the worker's PUBACKs) and keeping the connection alive.  ``None`` once there
+        is room; else what :meth:`loop_read` returns without reading (the connection
+        was lost, or the loop is stopping)."""
+        self._paused()
+        while not self._room(PAUSE_SLICE_S):
+            if self._thread_terminate:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS  # loop_stop(): let paho's loop end
+            rc = self._service()
+            if rc is not None:
+                return rc
+        return None
 
     def _handle_publish(self) -> MQTTErrorCode:
         cmd = self._in_packet["command"]
@@ -194,17 +251,21 @@ class MqttLink:
         self.connected = threading.Event()
         self.last_error = ""
         self._accepting = True
-        # set when the broker broke Receive Maximum: nothing more is taken on this
-        # connection (left unacknowledged, re-delivered in the session after reconnecting)
+        # set when a put found the queue full all the same (see _deliver): nothing more
+        # is taken on this connection (left unacknowledged, re-delivered in the
+        # session after reconnecting)
         self._overflowed = False
-        self.overflows = 0  # times the broker broke Receive Maximum (each: a reconnect)
+        self.overflows = 0  # such refusals (each: a reconnect)
+        self.pauses = 0  # times reading stopped because the intake queue was full
+        self._paused_logged = False  # one warning per connection
         self._overlapping = overlapping([t for t, _ in self.subscriptions])
         mc = config.mqtt
         self.client: paho.Client
         if FAST_PATH:
             self.client = _IntakeClient(CallbackAPIVersion.VERSION2, client_id=config.client_id,
                                         protocol=paho.MQTTv5, manual_ack=True,
-                                        deliver=self._deliver)
+                                        deliver=self._deliver, room=sink.wait_room,
+                                        paused=self._on_paused)
         else:  # pragma: no cover - a paho without the internals the lean path uses
             log.warning("paho-mqtt %s lacks the internals of the lean receive path; "
                         "using paho's own", getattr(paho, "__version__", "?"))
@@ -250,6 +311,7 @@ class MqttLink:
                      ", ".join(self.unsubscribe))
             client.unsubscribe(self.unsubscribe)
         self._overflowed = False
+        self._paused_logged = False
         for i, (topic, qos) in enumerate(self.subscriptions):
             props = None
             if i in self._overlapping:
@@ -293,19 +355,32 @@ class MqttLink:
             return
         except queue.Full:
             pass
-        # impossible while the broker keeps to Receive Maximum (intake.flow); wait a
-        # little, then refuse rather than stop answering the broker's keepalive
+        # a packet is read only while the queue has room (_IntakeClient.loop_read), so
+        # only a STOP put meanwhile can take the last place (or a paho without the lean
+        # path, which reads regardless); wait a little, then refuse rather than stop
+        # answering the broker's keepalive
         self.metrics.queue_blocked.inc()
         try:
             self.sink.put(msg, timeout=OVERFLOW_WAIT_S)
         except queue.Full:
-            self._receive_maximum_exceeded()
+            self._refuse_and_reconnect()
 
-    def _receive_maximum_exceeded(self) -> None:
+    def _on_paused(self) -> None:
+        """Network thread: reading stops until the intake queue has room."""
+        self.pauses += 1
+        self.metrics.read_paused.inc()
+        if not self._paused_logged:
+            self._paused_logged = True
+            log.warning("MQTT intake queue full (%d messages): reading paused until the "
+                        "intake makes room; acknowledgements and keepalive go on. The broker "
+                        "sent more than Receive Maximum %d allows (mosquitto before 2.0.13 "
+                        "does when it drains a backlog) or re-sent messages after a reconnect",
+                        self.sink.qsize(), self.config.mqtt.receive_maximum)
+
+    def _refuse_and_reconnect(self) -> None:
         self._overflowed = True
         self.overflows += 1
-        self.last_error = (f"broker exceeded Receive Maximum {self.config.mqtt.receive_maximum}:"
-                           " intake queue full; reconnecting")
+        self.last_error = "intake queue full: message left unacknowledged; reconnecting"
         log.error("MQTT %s", self.last_error)
         sock = self.client.socket()
         if isinstance(sock, socket.socket):

@@ -311,7 +311,7 @@ class Intake:
             key = ("ignored", "queue_full", "-")
             batch.outcomes[key] = batch.outcomes.get(key, 0) + dropped
         fps = [fingerprint(m.topic, m.payload, m.mid) for m in messages]
-        dup_fps = [fp for m, fp in zip(messages, fps, strict=True) if m.dup]
+        dup_fps = [(m.mid, fp) for m, fp in zip(messages, fps, strict=True) if m.dup]
         already = self.store.seen(dup_fps) if dup_fps else set()
         in_batch: set[bytes] = set()
         max_bytes = self.config.intake.max_payload_bytes
@@ -321,7 +321,8 @@ class Intake:
                 self._count("-", "redelivery")
                 continue
             in_batch.add(fp)
-            batch.fingerprints.append(fp)
+            if msg.qos:
+                batch.fingerprints.append((msg.mid, fp))
             if msg.sub_ids and (primary := self._primary_of(msg.topic)) \
                     and primary not in msg.sub_ids:
                 # the same message again, for another filter that matches its topic
@@ -626,7 +627,8 @@ class Intake:
                           "as the dead letter internal_error", msg.topic)
             self._roll_back()
             batch, rep = IntakeBatch(), BatchReport(messages=1)
-            batch.fingerprints.append(fingerprint(msg.topic, msg.payload, msg.mid))
+            if msg.qos:
+                batch.fingerprints.append((msg.mid, fingerprint(msg.topic, msg.payload, msg.mid)))
             self._dead(batch, rep, msg, "internal_error", f"{type(exc).__name__}: {exc}")
         self._commit(batch, [msg])
         return rep

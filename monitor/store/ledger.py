@@ -10,6 +10,7 @@ all, which is what lets the MQTT layer acknowledge only committed messages.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,9 +22,12 @@ from monitor.core.accounting import BUCKET_S, MWH_PER_KWH
 from monitor.store import db, kv
 from monitor.store.db import StoreError, migrate
 
-# MQTT packet ids are 16 bits: no more messages than this can be unacknowledged at
-# once, so no older one can be re-delivered
-FINGERPRINTS_KEPT = 65_536
+# Fingerprints of the last QoS >= 1 messages committed, for recognising re-deliveries.
+# A broker that keeps to Receive Maximum re-delivers at most that many; one that does
+# not (mosquitto < 2.0.13 draining a backlog) may re-send, after a reconnect, many
+# thousands whose PUBACK it had not read yet.  Four times the 16-bit packet-id space
+# (about 13 MB), looked up by packet id.
+FINGERPRINTS_KEPT = 262_144
 
 
 @dataclass
@@ -49,7 +53,8 @@ class IntakeBatch:
                             str]] = field(
         default_factory=dict
     )
-    fingerprints: list[bytes] = field(default_factory=list)
+    # (packet id, fingerprint) of each QoS >= 1 message (QoS 0 is never re-delivered)
+    fingerprints: list[tuple[int, bytes]] = field(default_factory=list)
     signals: list[tuple[str, float | None, float | None, float, str]] = field(default_factory=list)
 
 
@@ -218,20 +223,24 @@ class Store:
                         " SET n = n + excluded.n, last_at = excluded.last_at",
                         [(o, r, f, n, now) for (o, r, f), n in b.outcomes.items()])
                 if b.fingerprints:
-                    c.executemany("INSERT INTO msg_seen (fp) VALUES (?)",
-                                  [(fp,) for fp in b.fingerprints])
+                    c.executemany("INSERT INTO msg_seen (mid, fp) VALUES (?,?)", b.fingerprints)
                     c.execute("DELETE FROM msg_seen WHERE seq <= (SELECT max(seq) FROM msg_seen)"
                               " - ?", (FINGERPRINTS_KEPT,))
         except sqlite3.Error as exc:
             raise StoreError(f"commit failed: {exc}") from exc
 
-    def seen(self, fingerprints: Sequence[bytes]) -> set[bytes]:
-        """Which of these message fingerprints were committed recently.
+    def seen(self, fingerprints: Sequence[tuple[int, bytes]]) -> set[bytes]:
+        """Which of these ``(packet id, fingerprint)`` were committed recently.
 
-        One scan of the (small, unindexed) table: called only for batches that
-        hold messages with the DUP flag, i.e. after a reconnect."""
-        wanted = set(fingerprints)
-        return {r[0] for r in self.conn.execute("SELECT fp FROM msg_seen")} & wanted
+        Looked up by packet id (indexed): called only for batches that hold
+        messages with the DUP flag, i.e. after a reconnect.  Rows written before
+        migration 11 carry packet id 0 and are compared too."""
+        wanted = {fp for _mid, fp in fingerprints}
+        mids = json.dumps(sorted({mid for mid, _fp in fingerprints}))
+        rows = self.conn.execute(
+            "SELECT fp FROM msg_seen WHERE mid IN (SELECT value FROM json_each(?)) OR mid = 0",
+            (mids,))
+        return {r[0] for r in rows} & wanted
 
     def register_meters(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Make configured meters (id, device, group) known before their first reading."""

@@ -413,4 +413,16 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        11,
+        """
+        -- redelivery fingerprints carry their packet id, indexed: a re-delivered message
+        -- is looked up by its id instead of by a scan of the table, so four times as many
+        -- are kept (262,144), for a broker that re-sends far more than Receive Maximum
+        -- after a reconnect (mosquitto < 2.0.13).  Ids are mostly increasing, so the
+        -- index grows at its end.  Rows from before keep id 0 and are still compared.
+        ALTER TABLE msg_seen ADD COLUMN mid INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX msg_seen_mid ON msg_seen (mid);
+        """,
+    ),
 ]
