@@ -8,7 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,33 @@ def wait_for(pred: Any, timeout_s: float = 60, interval_s: float = 0.2, what: st
             return
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what or pred}")
+
+
+def wait_up(config: Path, timeout_s: float = 60) -> None:
+    """Wait until the daemon of ``config`` has its store open *and* is subscribed: its
+    retained ``online`` presence follows its SUBSCRIBE packets on the same
+    connection, so a reading published after it is not published to nobody."""
+    wait_for(lambda: query(config, "SELECT 1 FROM schema_migrations"), timeout_s,
+             what="daemon's store")
+    doc = tomllib.loads(config.read_text())
+    topic = f"energy-monitor/{doc['site']['id']}/status"
+    online = threading.Event()
+
+    def on_message(c: paho.Client, u: Any, m: paho.MQTTMessage) -> None:
+        if m.payload == b"online":
+            online.set()
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.on_message = on_message
+    c.connect("127.0.0.1", int(doc["mqtt"]["port"]))
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    try:
+        if not online.wait(timeout_s):
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {topic} online")
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def publisher(port: int, client_id: str = "") -> paho.Client:

@@ -40,7 +40,16 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from sim import simulate
-from tests.daemon import ROOT, Daemon, db_path, publisher, query, wait_for, write_config
+from tests.daemon import (
+    ROOT,
+    Daemon,
+    db_path,
+    publisher,
+    query,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto, free_port
 
 SECRET = "whsec-e2e-0123456789"
@@ -291,7 +300,7 @@ on_breach = ["alert"]
     daemon = Daemon(cfg, log).start()
     pub = publisher(broker.port)
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)  # subscribed
         now = time.time()
         for ts, kwh in ((now - 20, 100.0), (now - 10, 101.5), (now, 103.0)):

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, publisher, query, wait_for, write_config
+from tests.daemon import (
+    Daemon,
+    publisher,
+    query,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto
 
 SOURCES = """
@@ -82,7 +89,7 @@ def test_malformed_payloads_are_dead_lettered_and_good_readings_still_count(
     cfg = write_config(tmp_path / "d.toml", broker.port, SOURCES)
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)
         pub = publisher(broker.port)
         t0 = time.time() - 3600

@@ -23,7 +23,14 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from tests.daemon import Daemon, publisher, query, wait_for, write_config
+from tests.daemon import (
+    Daemon,
+    publisher,
+    query,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto
 from tests.tsdb import VM, FaultProxy, Series, victoria_metrics
 
@@ -146,7 +153,7 @@ warn_at = [0.5]
     daemon = Daemon(cfg, log).start()
     pub = publisher(broker.port)
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)
         base = round(time.time() - 60, 3)
         docs = [reading(m, round(base + i * 2.5 + k * 0.125, 3), i)
@@ -228,7 +235,7 @@ def test_an_outage_of_victoria_metrics_loses_and_doubles_no_reading(
         return int(query(cfg, "SELECT count(*) FROM readings")[0][0])
 
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)
         burst(50)
         wait_for(lambda: exported_count(vm) >= 150, 60, what="the first readings exported")

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from sim import simulate
-from tests.daemon import Daemon, publisher, query, status_json, wait_for, write_config
+from tests.daemon import (
+    Daemon,
+    publisher,
+    query,
+    status_json,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto
 
 MARK = "sim/e2e/json/zz-marker"
@@ -76,7 +84,7 @@ def test_sigkill_during_20000_qos1_readings_loses_and_doubles_nothing(
                        '[[sources]]\ntopic = "crash/#"\nformat = "json"\n'
                        '[intake]\nbatch_size = 500\nbatch_wait_ms = 50\n')
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
-    wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+    wait_up(cfg, 30)
     time.sleep(1.0)  # persistent session exists on the broker from now on
     pub = publisher(broker.port, "crash-pub")
     kills = 0
@@ -129,7 +137,7 @@ rated_kw = 3.6
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     pub = publisher(broker.port)
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)
         total = 5.0
 

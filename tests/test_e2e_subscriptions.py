@@ -7,7 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from tests.daemon import Daemon, publisher, query, wait_for, write_config
+from tests.daemon import (
+    Daemon,
+    publisher,
+    query,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto
 
 
@@ -36,7 +43,7 @@ format = "json"
 """)
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+        wait_up(cfg, 30)
         time.sleep(1.0)
         now = time.time()
         _publish(broker.port, [("site/r1/energy", {"meter": "r1", "ts": now - 30 + i * 10,
@@ -64,7 +71,7 @@ format = "json"
 """
     cfg = write_config(tmp_path / "d.toml", broker.port, both)
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
-    wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 30, what="daemon up")
+    wait_up(cfg, 30)
     time.sleep(1.0)
     daemon.stop()
     kept = both.split("[[sources]]\ntopic = \"gone", maxsplit=1)[0]

@@ -23,7 +23,16 @@ from pathlib import Path
 import pytest
 
 from monitor.app.sdnotify import Notifier
-from tests.daemon import ROOT, Daemon, db_path, publisher, query, wait_for, write_config
+from tests.daemon import (
+    ROOT,
+    Daemon,
+    db_path,
+    publisher,
+    query,
+    wait_for,
+    wait_up,
+    write_config,
+)
 from tests.servers import Mosquitto
 
 UNIT = ROOT / "deploy/systemd/energy-monitor.service"
@@ -236,7 +245,7 @@ def test_daemon_without_notify_socket_sends_nothing_and_runs(
     daemon = Daemon(cfg, tmp_path / "daemon.log").start()
     pub = publisher(broker.port)
     try:
-        wait_for(lambda: query(cfg, "SELECT 1 FROM schema_migrations"), 60, what="daemon up")
+        wait_up(cfg, 60)
         pub.publish("wd/a", json.dumps({"meter": "a", "energy_kwh": 1.0}),
                     qos=1).wait_for_publish(10)
         wait_for(lambda: _readings(cfg) == 1, 60, what="reading committed")
