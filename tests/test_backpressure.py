@@ -144,13 +144,7 @@ def test_a_flood_at_ten_times_the_rated_rate_while_the_store_is_locked(tmp_path:
         flood = threading.Thread(target=_flood, args=(broker.port, seconds, qos1, qos0, base))
         flood.start()
         # while flooded and stalled, the network thread still carries our own traffic
-        echo: queue.Queue[bytes] = queue.Queue()
-        watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bp-watch",
-                              protocol=paho.MQTTv5)
-        watcher.on_message = lambda c, u, m: echo.put(bytes(m.payload))
-        watcher.connect("127.0.0.1", broker.port)
-        watcher.subscribe("bp-echo", qos=1)
-        watcher.loop_start()
+        watcher, echo = _echo_watcher(broker.port)
         time.sleep(seconds / 2)
         link.publish("bp-echo", b"alive", qos=1)
         assert echo.get(timeout=10) == b"alive"
@@ -188,7 +182,7 @@ def test_a_flood_at_ten_times_the_rated_rate_while_the_store_is_locked(tmp_path:
         seen = {"dropped_metric": metrics.queue_dropped._value.get(),
                 "received_metric": metrics.messages_received._value.get(),
                 "connects": metrics.mqtt_connects._value.get(),
-                "pauses": link.pauses, "refused": link.overflows}
+                "pauses": metrics.read_paused._value.get(), "refused": link.overflows}
         watcher.disconnect()
         watcher.loop_stop()
         intake.stop()
@@ -206,6 +200,19 @@ def test_a_flood_at_ten_times_the_rated_rate_while_the_store_is_locked(tmp_path:
     assert len(read0) + dropped == qos0, (len(read0), dropped, seen)
     assert dropped > 0  # the QoS 0 share filled up while the worker was stuck
     assert seen["connects"] == 1 and seen["refused"] == 0, seen
+
+
+def _echo_watcher(port: int) -> tuple[paho.Client, queue.Queue[bytes]]:
+    """Another client that receives what the daemon's link publishes to ``bp-echo``:
+    proof that the network thread still writes."""
+    echo: queue.Queue[bytes] = queue.Queue()
+    watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bp-watch",
+                          protocol=paho.MQTTv5)
+    watcher.on_message = lambda c, u, m: echo.put(bytes(m.payload))
+    watcher.connect("127.0.0.1", port)
+    watcher.subscribe("bp-echo", qos=1)
+    watcher.loop_start()
+    return watcher, echo
 
 
 def _fill(q: IntakeQueue, base: float) -> None:
@@ -267,13 +274,7 @@ def test_a_full_queue_pauses_reading_while_writes_and_keepalive_go_on(
         _fill(q, base)
         sent = 20
         _publish_qos1(broker.port, sent, base)
-        echo: queue.Queue[bytes] = queue.Queue()
-        watcher = paho.Client(CallbackAPIVersion.VERSION2, client_id="bp-watch",
-                              protocol=paho.MQTTv5)
-        watcher.on_message = lambda c, u, m: echo.put(bytes(m.payload))
-        watcher.connect("127.0.0.1", broker.port)
-        watcher.subscribe("bp-echo", qos=1)
-        watcher.loop_start()
+        watcher, echo = _echo_watcher(broker.port)
         time.sleep(1.0)
         assert metrics.read_paused._value.get() >= 1  # reading stopped
         assert q.qsize() == q.maxsize and link.overflows == 0  # nothing read, nothing refused
@@ -286,8 +287,8 @@ def test_a_full_queue_pauses_reading_while_writes_and_keepalive_go_on(
         worker.start()  # room at last
         fillers = _wait_committed(cfg.storage.path, "filler", q.maxsize)
         readings = _wait_committed(cfg.storage.path, "r%", sent)
-        seen = {"connects": metrics.mqtt_connects._value.get(), "pauses": link.pauses,
-                "refused": link.overflows}
+        seen = {"connects": metrics.mqtt_connects._value.get(),
+                "pauses": metrics.read_paused._value.get(), "refused": link.overflows}
         watcher.disconnect()
         watcher.loop_stop()
         intake.stop()

@@ -142,17 +142,22 @@ def test_a_dead_intake_thread_exits_non_zero_and_acknowledges_nothing_uncommitte
     assert all(json.loads(p)["ts"] in committed for p in before)
 
 
+def _intake(tmp_path: Path) -> tuple[Intake, Store, list[Message]]:
+    """An intake on a fresh store, with the messages it acknowledges."""
+    c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
+                                   'timezone = "UTC"\n' + BODY))
+    st = Store(tmp_path / "m.db")
+    acked: list[Message] = []
+    return Intake(c, st, Metrics(), ack=acked.extend), st, acked
+
+
 def test_the_worker_thread_keeps_its_failure_and_stalled_reports_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*_a: object, **_k: object) -> None:
         raise OverflowError("injected defect")
 
     monkeypatch.setattr(Store, "commit_batch", broken)
-    c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
-                                   'timezone = "UTC"\n' + BODY))
-    st = Store(tmp_path / "m.db")
-    acked: list[Message] = []
-    intake = Intake(c, st, Metrics(), ack=acked.extend)
+    intake, st, acked = _intake(tmp_path)
     now = time.time()
     poison = json.dumps([{"meter": "huge", "ts": now - 20, "power_w": 1.7e308},
                          {"meter": "huge", "ts": now - 10, "power_w": 1.7e308}]).encode()
@@ -181,11 +186,7 @@ def test_a_message_that_makes_processing_fail_is_a_dead_letter_and_the_rest_comm
         return real(state, r, params, retained)  # type: ignore[arg-type]
 
     monkeypatch.setattr(accounting, "apply", apply)
-    c = config.parse(tomllib.loads('[site]\nid = "s"\ncategory = "individual"\n'
-                                   'timezone = "UTC"\n' + BODY))
-    st = Store(tmp_path / "m.db")
-    acked: list[Message] = []
-    intake = Intake(c, st, Metrics(), ack=acked.extend)
+    intake, st, acked = _intake(tmp_path)
     now = time.time()
 
     def msg(mid: int, meter: str, i: int) -> Message:

@@ -89,6 +89,11 @@ class IntakeQueue:
     def wait_room(self, timeout: float) -> bool:
         """Whether the queue holds fewer than ``maxsize`` items, waiting up to ``timeout``
         seconds for the worker to take some."""
+        # the usual answer, read without the lock (a deque's len is atomic): only the
+        # network thread adds messages, so room seen here is still there at its put
+        # (a STOP put meanwhile is the case MqttLink._deliver bounds)
+        if len(self._items) < self.maxsize:
+            return True
         with self._cond:
             if len(self._items) < self.maxsize:
                 return True

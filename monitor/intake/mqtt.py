@@ -67,10 +67,9 @@ _READ_CHUNK = 65536
 #: paho internals the lean receive path relies on; without them paho's own path is used
 _PAHO_HOOKS = ("_handle_publish", "_sock_recv", "_packet_read", "_loop_rc_handle",
                "_packet_queue", "loop_read", "loop_write", "loop_misc", "want_write")
-FAST_PATH = all(callable(getattr(paho.Client, n, None)) for n in _PAHO_HOOKS)
-
 _CONNECTED = getattr(getattr(paho, "_ConnectionState", None), "MQTT_CS_CONNECTED", None)
-FAST_PATH = FAST_PATH and _CONNECTED is not None
+FAST_PATH = _CONNECTED is not None and all(callable(getattr(paho.Client, n, None))
+                                           for n in _PAHO_HOOKS)
 
 Deliver = Callable[[str, bytes, int, bool, bool, int, tuple[int, ...]], None]
 
@@ -256,7 +255,6 @@ class MqttLink:
         # session after reconnecting)
         self._overflowed = False
         self.overflows = 0  # such refusals (each: a reconnect)
-        self.pauses = 0  # times reading stopped because the intake queue was full
         self._paused_logged = False  # one warning per connection
         self._overlapping = overlapping([t for t, _ in self.subscriptions])
         mc = config.mqtt
@@ -367,7 +365,6 @@ class MqttLink:
 
     def _on_paused(self) -> None:
         """Network thread: reading stops until the intake queue has room."""
-        self.pauses += 1
         self.metrics.read_paused.inc()
         if not self._paused_logged:
             self._paused_logged = True
